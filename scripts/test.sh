@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Set up (idempotent), lint and run the test suite; extra arguments go to pytest.
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+bash scripts/setup.sh
+echo "[test] ruff check ."
+.venv/bin/ruff check .
+echo "[test] pytest -q $*"
+# pytest exits 5 when no tests were collected; that is a failure too (set -e propagates it).
+.venv/bin/python -m pytest -q "$@"
