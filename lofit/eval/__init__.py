@@ -1,0 +1,1 @@
+"""Evaluation protocols (the full harness, ``lofit-eval``, builds on these scorers)."""

@@ -1,0 +1,90 @@
+"""``lofit-train``: the command line over :func:`lofit.train.pipeline.train_adapter`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import fields
+
+from lofit.adapter import AdapterError, load_adapter
+from lofit.tasks import TASKS, TaskError
+from lofit.train.config import ConfigError, TrainConfig
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="lofit-train",
+        description="Train a LoFiT adapter: stage 1 learns L1-regularised scales on every attention head and "
+                    "keeps the top K by ||A||_2; stage 2 learns one offset vector per selected head. "
+                    "Writes an adapter directory (adapter.safetensors, adapter_config.json, heads.png, "
+                    "train_report.json).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--config", help="JSON file of settings (keys as the long flags, with _ for -); "
+                                    "flags given on the command line win")
+    p.add_argument("--model", help="local Hugging Face checkpoint directory of the base model")
+    p.add_argument("--task", choices=TASKS, help="built-in task, or sft-jsonl/dpo-jsonl with --data")
+    p.add_argument("--data", help="data: FILE.jsonl for sft-jsonl (prompt, completion) and dpo-jsonl "
+                                  "(prompt, chosen, rejected); the CLUTRR directory for clutrr; optional "
+                                  "directory override for truthfulqa/mquake")
+    p.add_argument("--val-data", help="validation FILE.jsonl for the jsonl tasks")
+    p.add_argument("--out", help="adapter directory to write (replaced atomically if it exists)")
+    p.add_argument("--name", help="adapter name (default: the --out directory's name)")
+    p.add_argument("--heads", type=int, help="K, the number of heads to keep")
+    p.add_argument("--heads-percent", type=float,
+                   help="K as a percentage of all heads (3 and 10 in the paper)")
+    p.add_argument("--fold", type=int, help="TruthfulQA fold (0 or 1) [0]")
+    p.add_argument("--train-size", type=int, help="subsample the training set (CLUTRR default 300)")
+    p.add_argument("--seed", type=int, help="seed for torch, numpy, random and data order [42]")
+    p.add_argument("--epochs", type=int, help="epochs of each stage [5]")
+    p.add_argument("--epochs-a", type=int, help="epochs of stage 1 only [--epochs]")
+    p.add_argument("--epochs-v", type=int, help="epochs of stage 2 only [--epochs]")
+    p.add_argument("--lr-a", type=float, help="stage-1 learning rate (task default)")
+    p.add_argument("--lr-v", type=float, help="stage-2 learning rate (task default)")
+    p.add_argument("--l1", type=float, help="stage-1 L1 weight lambda on sum |A| (task default)")
+    p.add_argument("--beta", type=float, help="DPO beta [0.5]")
+    p.add_argument("--init-std", type=float, help="std of the N(0, s) init of A and v [1e-3]")
+    p.add_argument("--batch-size", type=int, help="examples (or pairs) per micro-batch [8]")
+    p.add_argument("--grad-accum", type=int, help="micro-batches per optimiser step [1]")
+    p.add_argument("--max-grad-norm", type=float, help="gradient clipping norm [1.0]")
+    p.add_argument("--max-prompt-len", type=int, help="prompt tokens kept (from the end) [128]")
+    p.add_argument("--max-len", type=int, help="total tokens per sequence [512 for DPO, 400 for SFT]")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), help="base model dtype; LoFiT parameters "
+                                                                    "stay float32 [float32]")
+    p.add_argument("--device", help="torch device, e.g. cpu or cuda [cpu]")
+    p.add_argument("--limit", type=int, help="use only the first N train and val examples (smoke runs)")
+    p.add_argument("--no-mc-eval", dest="mc_eval", action="store_false", default=None,
+                   help="skip TruthfulQA MC1/MC2 on the fold's val split before/after")
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=None,
+                   help="no progress bars")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    settings = TrainConfig.from_file(args.config) if args.config else {}
+    names = {f.name for f in fields(TrainConfig)}
+    settings.update({k: v for k, v in vars(args).items() if k in names and v is not None})
+    missing = [f"--{k.replace('_', '-')}" for k in ("model", "task", "out") if k not in settings]
+    if missing:
+        raise ConfigError(f"missing required setting(s): {', '.join(missing)}")
+    return TrainConfig(**settings)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        from lofit.train.pipeline import train_adapter
+
+        out = train_adapter(config_from_args(args))
+        adapter = load_adapter(out)
+    except (ConfigError, TaskError, AdapterError, FileNotFoundError) as exc:
+        print(f"lofit-train: error: {exc}", file=sys.stderr)
+        return 2
+    summary = {"adapter": str(out), "heads": adapter.head_list(), "content_sha256": adapter.content_sha256,
+               "metrics": adapter.metadata.get("metrics")}
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

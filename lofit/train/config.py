@@ -1,0 +1,117 @@
+"""Training configuration: every hyper-parameter of both stages, with the reference defaults."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+# Reference learning rates and L1 weights (Llama-2-7B rows of the official scripts, lofit-method.md §7).
+TASK_DEFAULTS: dict[str, dict[str, float]] = {
+    "truthfulqa": {"lr_a": 5e-3, "l1": 5e-4, "lr_v": 1e-2},
+    "mquake": {"lr_a": 5e-3, "l1": 1e-3, "lr_v": 1e-2},
+    "clutrr": {"lr_a": 5e-4, "l1": 5e-3, "lr_v": 1e-2},
+    "sft-jsonl": {"lr_a": 5e-3, "l1": 1e-3, "lr_v": 1e-2},
+    "dpo-jsonl": {"lr_a": 5e-3, "l1": 5e-4, "lr_v": 1e-2},
+}
+
+
+class ConfigError(ValueError):
+    """An invalid training configuration."""
+
+
+@dataclass
+class TrainConfig:
+    """All settings of a ``lofit-train`` run. ``None`` learning rates/L1 take the task's defaults."""
+
+    model: str
+    task: str
+    out: str
+    data: str | None = None
+    val_data: str | None = None
+    name: str | None = None
+    fold: int = 0
+    train_size: int | None = None
+    heads: int | None = None
+    heads_percent: float | None = None
+    seed: int = 42
+    epochs: int = 5
+    epochs_a: int | None = None
+    epochs_v: int | None = None
+    lr_a: float | None = None
+    lr_v: float | None = None
+    l1: float | None = None
+    beta: float = 0.5
+    init_std: float = 1e-3
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_grad_norm: float = 1.0
+    max_prompt_len: int = 128
+    max_len: int | None = None
+    dtype: str = "float32"
+    device: str = "cpu"
+    limit: int | None = None
+    mc_eval: bool = True
+    progress: bool = True
+
+    def resolved(self) -> TrainConfig:
+        """Fill task defaults and check every value; raises :class:`ConfigError`."""
+        defaults = TASK_DEFAULTS.get(self.task)
+        if defaults is None:
+            raise ConfigError(f"unknown task {self.task!r}; choose one of {', '.join(TASK_DEFAULTS)}")
+        out = replace(self, **{k: v for k, v in defaults.items() if getattr(self, k) is None})
+        if out.max_len is None:
+            out.max_len = 512 if self.task in ("truthfulqa", "dpo-jsonl") else 400
+        if out.epochs_a is None:
+            out.epochs_a = out.epochs
+        if out.epochs_v is None:
+            out.epochs_v = out.epochs
+        if (out.heads is None) == (out.heads_percent is None):
+            raise ConfigError("give exactly one of --heads K or --heads-percent P")
+        if out.heads is not None and out.heads < 1:
+            raise ConfigError("--heads must be at least 1")
+        if out.heads_percent is not None and not 0 < out.heads_percent <= 100:
+            raise ConfigError("--heads-percent must be in (0, 100]")
+        if out.dtype not in ("float32", "bfloat16"):
+            raise ConfigError("--dtype must be float32 or bfloat16")
+        for name in ("epochs_a", "epochs_v", "batch_size", "grad_accum", "max_prompt_len", "max_len"):
+            if getattr(out, name) < 1:
+                raise ConfigError(f"{name} must be at least 1")
+        for name in ("lr_a", "lr_v", "beta", "init_std", "max_grad_norm"):
+            value = getattr(out, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"{name} must be a positive number")
+        if not (math.isfinite(out.l1) and out.l1 >= 0):
+            raise ConfigError("l1 must be >= 0")
+        if out.fold not in (0, 1):
+            raise ConfigError("--fold must be 0 or 1")
+        return out
+
+    def num_heads(self, total_heads: int) -> int:
+        """K: ``--heads`` or ``round(total * percent / 100)`` (at least 1, at most all heads)."""
+        k = self.heads if self.heads is not None else round(total_heads * self.heads_percent / 100)
+        if k > total_heads:
+            raise ConfigError(f"--heads {k} exceeds the model's {total_heads} heads")
+        return max(1, k)
+
+    def hyperparameters(self) -> dict[str, Any]:
+        """What the adapter records (paths and switches that do not change the result left out)."""
+        skip = {"model", "out", "data", "val_data", "name", "progress", "device"}
+        return {k: v for k, v in asdict(self).items() if k not in skip}
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> dict[str, Any]:
+        """Settings from a JSON config file (keys are the field names, e.g. ``lr_v``)."""
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a JSON object")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"{path}: unknown settings {unknown}")
+        return data

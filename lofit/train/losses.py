@@ -1,0 +1,31 @@
+"""Task losses: completion-only cross-entropy (SFT) and sigmoid DPO on summed answer log-probs."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """``[B, T-1]`` log-prob of each next token: position t predicts token t+1."""
+    logprobs = F.log_softmax(logits[:, :-1].float(), dim=-1)
+    return logprobs.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+
+
+def sequence_logprobs(logits: torch.Tensor, input_ids: torch.Tensor,
+                      score_mask: torch.Tensor) -> torch.Tensor:
+    """``[B]`` sum of the log-probs of the scored tokens of each row."""
+    return (token_logprobs(logits, input_ids) * score_mask[:, 1:]).sum(-1)
+
+
+def sft_loss(logits: torch.Tensor, input_ids: torch.Tensor, score_mask: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over the scored (completion) tokens of the batch."""
+    mask = score_mask[:, 1:]
+    return -(token_logprobs(logits, input_ids) * mask).sum() / mask.sum().clamp(min=1)
+
+
+def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
+             ref_rejected: torch.Tensor, beta: float) -> torch.Tensor:
+    """Mean of ``-log sigmoid(beta * ((pi_w - ref_w) - (pi_l - ref_l)))`` (trl's sigmoid loss)."""
+    margin = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
+    return -F.logsigmoid(beta * margin).mean()

@@ -1,0 +1,120 @@
+"""The whole ``lofit-train`` run: load, stage 1, stage 2, evaluate, write the adapter directory."""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lofit.adapter import REPORT_FILE, LofitAdapter
+from lofit.heads import identity_from_checkpoint
+from lofit.intervene import LofitHooks, apply_adapters
+from lofit.picture import heads_png
+from lofit.tasks import TaskData, load_task
+from lofit.train.config import ConfigError, TrainConfig
+from lofit.train.data import encode_examples, pad_token_id
+from lofit.train.objective import Objective
+from lofit.train.stage1 import select_heads
+from lofit.train.stage2 import tune_offsets
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def load_model(model_dir: str, dtype: str, device: str):
+    """Tokenizer and frozen causal LM from a local Hugging Face checkpoint directory."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(model_dir)
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"--model {model_dir}: not a Hugging Face checkpoint directory (no config.json); "
+                          "run scripts/setup.sh to prepare the default model")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(device)
+    model.requires_grad_(False)
+    return tokenizer, model
+
+
+def _truthfulqa_mc(model, tokenizer, adapter: LofitAdapter, fold: int, progress: bool) -> dict[str, Any]:
+    from lofit.eval.truthfulqa import evaluate_mc
+    from lofit.tasks.truthfulqa import fold_file, read_items
+
+    items = read_items(fold_file(fold, "val"))
+    before = evaluate_mc(model, tokenizer, items, progress, desc="MC on val, base model")
+    with apply_adapters(model, adapter):
+        after = evaluate_mc(model, tokenizer, items, progress, desc="MC on val, with adapter")
+    return {"split": f"fold_{fold}_val", "before": before, "after": after}
+
+
+def _limit(task: TaskData, limit: int | None) -> TaskData:
+    if limit is not None:
+        task.train, task.val = task.train[:limit], task.val[:limit]
+    return task
+
+
+def train_adapter(config: TrainConfig) -> Path:
+    """Run both stages and write the adapter directory to ``config.out``; returns its path."""
+    cfg = config.resolved()
+    started = time.perf_counter()
+    task = _limit(load_task(cfg.task, cfg.data, cfg.val_data, cfg.fold, cfg.train_size, cfg.seed), cfg.limit)
+    seed_everything(cfg.seed)
+    tokenizer, model = load_model(cfg.model, cfg.dtype, cfg.device)
+    identity = identity_from_checkpoint(cfg.model, name=Path(cfg.model).resolve().name)
+    hooks = LofitHooks(model)
+    k = cfg.num_heads(hooks.layout.total_heads)
+    train = encode_examples(tokenizer, task.train, cfg.max_prompt_len, cfg.max_len)
+    val = encode_examples(tokenizer, task.val, cfg.max_prompt_len, cfg.max_len)
+    objective = Objective(model, task.loss, pad_token_id(tokenizer), cfg.beta, cfg.device)
+    common = dict(seed=cfg.seed, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
+                  max_grad_norm=cfg.max_grad_norm, init_std=cfg.init_std, progress=cfg.progress)
+    load_seconds = time.perf_counter() - started
+
+    selection = select_heads(objective, hooks, train, val, lr=cfg.lr_a, l1=cfg.l1, epochs=cfg.epochs_a,
+                             **common)
+    seed_everything(cfg.seed)  # stage 2 starts afresh, as the reference's second process does
+    tuned = tune_offsets(objective, hooks, selection.top(k), train, val, lr=cfg.lr_v, epochs=cfg.epochs_v,
+                         **common)
+    hooks.remove()
+
+    heads = [tuple(h) for h in tuned.heads.tolist()]
+    scales = selection.scales[tuned.heads[:, 0], tuned.heads[:, 1]]
+    name = cfg.name or Path(cfg.out).name
+    metrics: dict[str, Any] = {
+        "stage2_val_before": tuned.val_before.as_dict() if tuned.val_before else None,
+        "stage2_val_after": tuned.val_after.as_dict() if tuned.val_after else None,
+        "stage2_train_loss_first_epoch": tuned.history.epochs[0]["train_loss"],
+        "stage2_train_loss_last_epoch": tuned.history.epochs[-1]["train_loss"],
+    }
+    adapter = LofitAdapter(
+        heads=tuned.heads, offsets=tuned.offsets, scales=scales, base_model=identity, name=name,
+        task=task.name,
+        metadata={"hyperparameters": cfg.hyperparameters(), "data": task.identity(), "metrics": metrics,
+                  "selection": {"k": k, "percent_of_heads": round(100 * k / hooks.layout.total_heads, 2),
+                                "ranking": [list(h) for h in selection.ranking]}},
+    )
+    if task.name == "truthfulqa" and cfg.mc_eval:
+        mc_started = time.perf_counter()
+        metrics["truthfulqa_mc"] = _truthfulqa_mc(model, tokenizer, adapter, cfg.fold, cfg.progress)
+        metrics["truthfulqa_mc"]["seconds"] = round(time.perf_counter() - mc_started, 3)
+    report = {
+        "timings_seconds": {"load": round(load_seconds, 3), "stage1": round(selection.history.seconds, 3),
+                            "stage2": round(tuned.history.seconds, 3),
+                            "total": round(time.perf_counter() - started, 3)},
+        "stage1": selection.history.as_dict(),
+        "stage2": tuned.history.as_dict(),
+        "metrics": metrics,
+        "config": asdict(cfg),
+    }
+    picture = heads_png(selection.scores, heads, hooks.layout.num_layers, hooks.layout.num_heads,
+                        f"{name}: {task.name}, top {k} of {hooks.layout.total_heads} heads")
+    return adapter.save(cfg.out, extra_files={"heads.png": picture,
+                                              REPORT_FILE: (json.dumps(report, indent=2) + "\n").encode()})

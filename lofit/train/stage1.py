@@ -1,0 +1,61 @@
+"""Stage 1: learn a scale ``A`` on every head with an L1 penalty, rank heads by ``||A||_2``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lofit.intervene import LofitHooks
+from lofit.train.data import Encoded
+from lofit.train.loop import StageHistory, optimise
+from lofit.train.objective import Objective
+
+RANKING_KEPT = 160  # the reference saves the top 160 heads of the ranking
+
+
+@dataclass
+class HeadSelection:
+    """Stage-1 result: per-head scores, the ranking, the learned scales and the history."""
+
+    scores: torch.Tensor  # [L, H] = ||A[l, h]||_2
+    scales: torch.Tensor  # [L, H, d] = A
+    ranking: list[tuple[int, int]]  # heads by descending score (at most RANKING_KEPT)
+    history: StageHistory
+
+    def top(self, k: int) -> list[tuple[int, int]]:
+        return self.ranking[:k]
+
+
+def rank_heads(scores: torch.Tensor, keep: int = RANKING_KEPT) -> list[tuple[int, int]]:
+    """Heads by descending score, flattened layer-major; ties keep the lower (layer, head) first."""
+    num_heads = scores.shape[1]
+    order = torch.argsort(scores.flatten(), descending=True, stable=True)[:keep]
+    return [(int(i) // num_heads, int(i) % num_heads) for i in order]
+
+
+def select_heads(objective: Objective, hooks: LofitHooks, train: list[tuple[Encoded, ...]],
+                 val: list[tuple[Encoded, ...]], *, lr: float, l1: float, epochs: int, init_std: float,
+                 seed: int, batch_size: int, grad_accum: int, max_grad_norm: float,
+                 progress: bool = True) -> HeadSelection:
+    """Train ``A ~ N(0, init_std)`` on all heads with ``task loss + l1 * sum|A|``; return the ranking."""
+    torch.manual_seed(seed)
+    layout = hooks.layout
+    scales = torch.nn.Parameter(torch.randn(layout.num_layers, layout.num_heads, layout.head_dim) * init_std)
+    device = next(objective.model.parameters()).device
+    scales.data = scales.data.to(device)
+
+    def steer() -> None:
+        hooks.scales, hooks.offsets = scales, None
+
+    steer()
+    objective.precompute_reference(train, batch_size)
+    objective.precompute_reference(val, batch_size)
+    history = optimise([scales], objective, train, val, lr=lr, epochs=epochs, batch_size=batch_size,
+                       grad_accum=grad_accum, max_grad_norm=max_grad_norm, seed=seed, steer=steer,
+                       penalty=lambda: l1 * scales.abs().sum(), desc="stage 1: select heads",
+                       progress=progress)
+    hooks.scales = None
+    learned = scales.detach().float().cpu()
+    scores = learned.norm(dim=-1)
+    return HeadSelection(scores=scores, scales=learned, ranking=rank_heads(scores), history=history)

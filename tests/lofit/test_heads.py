@@ -1,0 +1,58 @@
+"""Base-model identity: what an adapter records, and a fingerprint that follows the weights."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from lofit.heads import HeadLayout, identity_from_checkpoint, identity_from_model, layout_from_config
+
+
+def test_identity_of_the_stories_checkpoint(stories_identity):
+    assert stories_identity.architecture == "LlamaForCausalLM"
+    assert (stories_identity.num_hidden_layers, stories_identity.num_attention_heads,
+            stories_identity.num_key_value_heads, stories_identity.head_dim,
+            stories_identity.hidden_size) == (5, 8, 4, 8, 64)
+    assert stories_identity.layout == HeadLayout(5, 8, 8)
+    assert stories_identity.fingerprint.startswith("sha256:")
+
+
+def test_model_and_checkpoint_fingerprints_agree(stories_model, stories_identity):
+    assert identity_from_model(stories_model, "x").fingerprint == stories_identity.fingerprint
+    assert layout_from_config(stories_model.config) == stories_identity.layout
+
+
+def copy_with_o_proj_change(src: Path, dst: Path, layer: int) -> Path:
+    shutil.copytree(src, dst)
+    tensors = load_file(str(dst / "model.safetensors"))
+    tensors[f"model.layers.{layer}.self_attn.o_proj.weight"][0, 0] += 1e-3
+    save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    return dst
+
+
+def test_fingerprint_changes_when_o_proj_weights_change(stories_dir, stories_identity, tmp_path):
+    changed = identity_from_checkpoint(copy_with_o_proj_change(stories_dir, tmp_path / "m", layer=4))
+    assert changed.fingerprint != stories_identity.fingerprint
+    assert changed.mismatches(stories_identity) == [
+        f"fingerprint: adapter has {changed.fingerprint!r}, model has {stories_identity.fingerprint!r}"]
+
+
+def test_fingerprint_ignores_the_load_dtype_of_exact_weights(stories_dir, stories_identity):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(stories_dir, dtype=torch.float64)
+    assert identity_from_model(model, "x").fingerprint == stories_identity.fingerprint
+
+
+def test_checkpoint_without_o_proj_is_refused(stories_dir, tmp_path):
+    dst = tmp_path / "m"
+    shutil.copytree(stories_dir, dst)
+    tensors = load_file(str(dst / "model.safetensors"))
+    tensors.pop("model.layers.2.self_attn.o_proj.weight")
+    save_file(tensors, str(dst / "model.safetensors"))
+    with pytest.raises(KeyError, match="o_proj"):
+        identity_from_checkpoint(dst)
