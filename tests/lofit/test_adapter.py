@@ -29,8 +29,9 @@ from lofit.heads import BaseModelIdentity
 @pytest.fixture()
 def adapter(stories_identity: BaseModelIdentity) -> LofitAdapter:
     gen = torch.Generator().manual_seed(0)
-    return LofitAdapter(heads=torch.tensor([[3, 1], [0, 2], [4, 7]]), offsets=torch.randn(3, 8, generator=gen),
-                        scales=torch.randn(3, 8, generator=gen), base_model=stories_identity, name="demo",
+    return LofitAdapter(heads=torch.tensor([[3, 1], [0, 2], [4, 7]]),
+                        offsets=torch.randn(3, 8, generator=gen), scales=torch.randn(3, 8, generator=gen),
+                        base_model=stories_identity, name="demo",
                         task="truthfulqa", metadata={"metrics": {"mc1": 0.5}})
 
 
@@ -82,8 +83,8 @@ def test_round_trip_keeps_everything(adapter: LofitAdapter, saved: Path, stories
 
 def test_save_replaces_an_existing_adapter_whole(adapter: LofitAdapter, saved: Path):
     (saved / "stale.txt").write_text("from an older version")
-    new = LofitAdapter(heads=adapter.heads[:1], offsets=adapter.offsets[:1] + 1, base_model=adapter.base_model,
-                       name="demo")
+    new = LofitAdapter(heads=adapter.heads[:1], offsets=adapter.offsets[:1] + 1,
+                       base_model=adapter.base_model, name="demo")
     new.save(saved)
     assert not (saved / "stale.txt").exists()
     assert load_adapter(saved).num_heads == 1
