@@ -44,11 +44,12 @@ def load_model(model_dir: str, dtype: str, device: str):
     return tokenizer, model
 
 
-def _truthfulqa_mc(model, tokenizer, adapter: LofitAdapter, fold: int, progress: bool) -> dict[str, Any]:
+def _truthfulqa_mc(model, tokenizer, adapter: LofitAdapter, fold: int, limit: int | None,
+                   progress: bool) -> dict[str, Any]:
     from lofit.eval.truthfulqa import evaluate_mc
     from lofit.tasks.truthfulqa import fold_file, read_items
 
-    items = read_items(fold_file(fold, "val"))
+    items = read_items(fold_file(fold, "val"))[:limit]
     before = evaluate_mc(model, tokenizer, items, progress, desc="MC on val, base model")
     with apply_adapters(model, adapter):
         after = evaluate_mc(model, tokenizer, items, progress, desc="MC on val, with adapter")
@@ -103,7 +104,8 @@ def train_adapter(config: TrainConfig) -> Path:
     )
     if task.name == "truthfulqa" and cfg.mc_eval:
         mc_started = time.perf_counter()
-        metrics["truthfulqa_mc"] = _truthfulqa_mc(model, tokenizer, adapter, cfg.fold, cfg.progress)
+        metrics["truthfulqa_mc"] = _truthfulqa_mc(model, tokenizer, adapter, cfg.fold, cfg.limit,
+                                                   cfg.progress)
         metrics["truthfulqa_mc"]["seconds"] = round(time.perf_counter() - mc_started, 3)
     report = {
         "timings_seconds": {"load": round(load_seconds, 3), "stage1": round(selection.history.seconds, 3),

@@ -1,0 +1,118 @@
+"""``lofit-train`` end to end, as a user runs it: a real process on the real stories260K model."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lofit.adapter import load_adapter
+from lofit.heads import identity_from_checkpoint
+from lofit.train.cli import main
+
+LOFIT_TRAIN = Path(sys.executable).with_name("lofit-train")
+
+
+def run_train(*args: str) -> subprocess.CompletedProcess:
+    command = [str(LOFIT_TRAIN)] if LOFIT_TRAIN.exists() else [sys.executable, "-m", "lofit.train.cli"]
+    return subprocess.run([*command, *args], capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, stories_dir: Path) -> tuple[Path, subprocess.CompletedProcess]:
+    out = tmp_path_factory.mktemp("cli") / "tqa-adapter"
+    result = run_train("--model", str(stories_dir), "--task", "truthfulqa", "--heads", "4", "--out", str(out),
+                       "--epochs", "1", "--limit", "16", "--batch-size", "4", "--seed", "7", "--no-progress")
+    return out, result
+
+
+def test_cli_writes_a_valid_adapter_for_the_base_model(trained, stories_dir):
+    out, result = trained
+    assert result.returncode == 0, result.stderr
+    adapter = load_adapter(out, expect_base=identity_from_checkpoint(stories_dir))
+    assert adapter.num_heads == 4 and adapter.task == "truthfulqa" and adapter.name == "tqa-adapter"
+    assert adapter.scales is not None and adapter.scales.shape == (4, 8)
+    summary = json.loads(result.stdout)
+    assert summary["content_sha256"] == adapter.content_sha256
+    assert [tuple(h) for h in summary["heads"]] == adapter.head_list()
+
+
+def test_cli_records_hyperparameters_data_and_metrics(trained):
+    out, _ = trained
+    config = json.loads((out / "adapter_config.json").read_text())
+    hp = config["hyperparameters"]
+    assert (hp["lr_a"], hp["l1"], hp["lr_v"], hp["beta"], hp["seed"], hp["heads"]) == (5e-3, 5e-4, 1e-2, 0.5, 7, 4)
+    assert config["data"]["task"] == "truthfulqa" and config["data"]["fold"] == 0
+    assert config["data"]["train_examples"] == 16 and config["data"]["files"][0]["sha256"]
+    metrics = config["metrics"]
+    assert metrics["stage2_val_before"]["loss"] == pytest.approx(0.6931, abs=1e-3), "policy == reference"
+    assert set(metrics["truthfulqa_mc"]["after"]) == {"mc1", "mc2", "questions"}
+    assert len(config["selection"]["ranking"]) == 40
+
+
+def test_cli_writes_the_head_map_and_the_report(trained):
+    out, _ = trained
+    assert (out / "heads.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = json.loads((out / "train_report.json").read_text())
+    assert len(report["stage1"]["steps"]) == 4 and len(report["stage2"]["steps"]) == 4
+    assert {"load", "stage1", "stage2", "total"} <= set(report["timings_seconds"])
+    assert report["stage1"]["epochs"][0]["val_loss"] > 0
+
+
+def test_cli_is_reproducible_with_a_seed(trained, stories_dir, tmp_path):
+    out, _ = trained
+    again = tmp_path / "again"
+    result = run_train("--model", str(stories_dir), "--task", "truthfulqa", "--heads", "4", "--out", str(again),
+                       "--epochs", "1", "--limit", "16", "--batch-size", "4", "--seed", "7", "--no-progress",
+                       "--no-mc-eval")
+    assert result.returncode == 0, result.stderr
+    assert load_adapter(again).content_sha256 == load_adapter(out).content_sha256
+
+
+def test_cli_sft_jsonl_with_a_config_file(stories_dir, tmp_path):
+    data = tmp_path / "train.jsonl"
+    data.write_text("\n".join(json.dumps({"prompt": p, "completion": " the end"})
+                              for p in ["Once upon a time", "The dog", "A cat", "Tom said"]))
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"task": "sft-jsonl", "heads_percent": 10, "epochs": 1, "lr_v": 0.05}))
+    out = tmp_path / "sft"
+    result = run_train("--config", str(config), "--model", str(stories_dir), "--data", str(data),
+                       "--out", str(out), "--no-progress")
+    assert result.returncode == 0, result.stderr
+    adapter = load_adapter(out)
+    assert adapter.num_heads == 4, "10 % of 40 heads"
+    assert adapter.metadata["hyperparameters"]["lr_v"] == 0.05
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--task", "truthfulqa", "--heads", "4"], "missing required setting(s): --out"),
+    (["--task", "truthfulqa", "--out", "X"], "exactly one of --heads K or --heads-percent P"),
+    (["--task", "truthfulqa", "--heads", "41", "--out", "X", "--epochs", "1", "--limit", "2"],
+     "exceeds the model's 40 heads"),
+    (["--task", "clutrr", "--heads", "2", "--out", "X"], "non-commercial"),
+    (["--task", "sft-jsonl", "--heads", "2", "--out", "X"], "needs --data"),
+    (["--task", "truthfulqa", "--heads", "2", "--out", "X", "--lr-v", "-1"], "lr_v must be a positive"),
+])
+def test_cli_bad_input_gets_a_clear_error(stories_dir, tmp_path, capsys, args, message):
+    args = [a.replace("X", str(tmp_path / "x")) for a in args]
+    assert main(["--model", str(stories_dir), *args, "--no-progress"]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "x").exists(), "nothing is written on error"
+
+
+def test_cli_model_that_is_not_a_checkpoint(tmp_path, capsys):
+    code = main(["--model", str(tmp_path), "--task", "truthfulqa", "--heads", "2", "--out", str(tmp_path / "x"),
+                 "--no-progress"])
+    assert code == 2 and "not a Hugging Face checkpoint directory" in capsys.readouterr().err
+
+
+def test_cli_help_explains_every_flag():
+    result = run_train("--help")
+    assert result.returncode == 0
+    for flag in ("--model", "--task", "--data", "--heads", "--heads-percent", "--out", "--seed", "--epochs",
+                 "--lr-a", "--lr-v", "--l1", "--beta", "--batch-size", "--dtype", "--device", "--config",
+                 "--fold", "--grad-accum"):
+        assert flag in result.stdout
