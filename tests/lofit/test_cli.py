@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from lofit.adapter import load_adapter
 from lofit.heads import identity_from_checkpoint
@@ -116,3 +117,13 @@ def test_cli_help_explains_every_flag():
                  "--lr-a", "--lr-v", "--l1", "--beta", "--batch-size", "--dtype", "--device", "--config",
                  "--fold", "--grad-accum"):
         assert flag in result.stdout
+
+
+def test_cli_bfloat16_model_keeps_float32_offsets(stories_dir, tmp_path, capsys):
+    out = tmp_path / "bf16"
+    code = main(["--model", str(stories_dir), "--task", "mquake", "--heads", "2", "--out", str(out), "--epochs", "1",
+                 "--limit", "4", "--dtype", "bfloat16", "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    adapter = load_adapter(out)
+    assert adapter.offsets.dtype == torch.float32 and torch.isfinite(adapter.offsets).all()
+    assert adapter.metadata["hyperparameters"]["dtype"] == "bfloat16"
