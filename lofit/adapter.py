@@ -163,6 +163,9 @@ class LofitAdapter:
             (staging / CONFIG_FILE).write_text(json.dumps(self.config_dict(), indent=2) + "\n")
             for name, data in (extra_files or {}).items():
                 (staging / name).write_bytes(data)
+            for path in staging.iterdir():  # mkdtemp and safetensors create owner-only files
+                path.chmod(0o644)
+            staging.chmod(0o755)
             if directory.exists():
                 backup = directory.with_name(f".{directory.name}.old")
                 os.replace(directory, backup)

@@ -79,6 +79,8 @@ def test_round_trip_keeps_everything(adapter: LofitAdapter, saved: Path, stories
     tensors = load_file(str(saved / TENSORS_FILE))
     assert tensors["heads"].dtype == torch.int64 and tensors["offsets"].dtype == torch.float32
     assert (saved / "heads.png").read_bytes() == b"\x89PNG fake"
+    assert saved.stat().st_mode & 0o777 == 0o755, "other users (a server) can read the adapter"
+    assert all(p.stat().st_mode & 0o777 == 0o644 for p in saved.iterdir())
 
 
 def test_save_replaces_an_existing_adapter_whole(adapter: LofitAdapter, saved: Path):
