@@ -23,6 +23,10 @@ SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCa
 O_PROJ_KEY = "model.layers.{layer}.self_attn.o_proj.weight"
 
 
+class UnsupportedModelError(ValueError):
+    """A model whose attention does not feed a Llama-style ``o_proj`` with contiguous heads."""
+
+
 @dataclass(frozen=True)
 class HeadLayout:
     """Shape of the LoFiT intervention site of a model."""
@@ -97,6 +101,11 @@ def layout_from_config(config: dict[str, Any] | Any) -> HeadLayout:
 
 
 def _identity_fields(config: dict[str, Any]) -> dict[str, Any]:
+    missing = [k for k in ("num_hidden_layers", "num_attention_heads", "hidden_size", "vocab_size") if k not in config]
+    if missing:
+        raise UnsupportedModelError(
+            f"{_architecture(config)}: config lacks {missing}; LoFiT supports Llama-style models "
+            f"({', '.join(SUPPORTED_ARCHITECTURES)})")
     return {
         "architecture": _architecture(config),
         "num_hidden_layers": int(config["num_hidden_layers"]),
@@ -124,7 +133,8 @@ def _checkpoint_tensor_files(model_dir: Path) -> dict[str, Path]:
         return {name: model_dir / file for name, file in weight_map.items()}
     single = model_dir / "model.safetensors"
     if not single.exists():
-        raise FileNotFoundError(f"{model_dir} has no model.safetensors (or index); is it a HF checkpoint?")
+        raise UnsupportedModelError(f"{model_dir} has no model.safetensors (or its index); a safetensors "
+                                    "Hugging Face checkpoint is needed")
     with safe_open(single, framework="pt") as handle:
         return {name: single for name in handle.keys()}  # noqa: SIM118 - safe_open has no __iter__
 
@@ -139,7 +149,9 @@ def identity_from_checkpoint(model_dir: str | Path, name: str | None = None) -> 
     for layer in range(fields["num_hidden_layers"]):
         key = O_PROJ_KEY.format(layer=layer)
         if key not in files:
-            raise KeyError(f"{model_dir}: tensor {key} not found; LoFiT needs a Llama-style o_proj")
+            raise UnsupportedModelError(
+                f"{model_dir}: tensor {key} not found; LoFiT needs a Llama-style self_attn.o_proj "
+                f"({', '.join(SUPPORTED_ARCHITECTURES)})")
         with safe_open(files[key], framework="pt") as handle:
             weights.append(handle.get_tensor(key))
     return BaseModelIdentity(name_or_path=name or str(model_dir), fingerprint=_fingerprint(fields, weights),
@@ -151,11 +163,12 @@ def o_proj_modules(model: torch.nn.Module) -> list[torch.nn.Linear]:
     decoder = getattr(model, "model", model)
     layers = getattr(decoder, "layers", None)
     if layers is None:
-        raise TypeError(f"{type(model).__name__} has no .model.layers; LoFiT supports Llama-style models")
+        raise UnsupportedModelError(f"{type(model).__name__} has no .model.layers; LoFiT supports Llama-style "
+                                    f"models ({', '.join(SUPPORTED_ARCHITECTURES)})")
     try:
         return [layer.self_attn.o_proj for layer in layers]
     except AttributeError as exc:
-        raise TypeError(f"{type(model).__name__}: decoder layers lack self_attn.o_proj") from exc
+        raise UnsupportedModelError(f"{type(model).__name__}: decoder layers lack self_attn.o_proj") from exc
 
 
 def identity_from_model(model: torch.nn.Module, name: str) -> BaseModelIdentity:

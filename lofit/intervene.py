@@ -19,7 +19,13 @@ from functools import partial
 import torch
 
 from lofit.adapter import BaseModelMismatchError, LofitAdapter
-from lofit.heads import HeadLayout, identity_from_model, layout_from_config, o_proj_modules
+from lofit.heads import (
+    HeadLayout,
+    UnsupportedModelError,
+    identity_from_model,
+    layout_from_config,
+    o_proj_modules,
+)
 
 
 class LofitHooks:
@@ -37,7 +43,7 @@ class LofitHooks:
         projs = o_proj_modules(model)
         expected = self.layout.num_heads * self.layout.head_dim
         if projs[0].in_features != expected:
-            raise TypeError(f"o_proj takes {projs[0].in_features} inputs, expected heads x head_dim = "
+            raise UnsupportedModelError(f"o_proj takes {projs[0].in_features} inputs, expected heads x head_dim = "
                             f"{expected}; the head layout of this model is not contiguous")
         self._handles = [proj.register_forward_pre_hook(partial(self._edit, layer))
                          for layer, proj in enumerate(projs)]

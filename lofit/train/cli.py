@@ -8,6 +8,7 @@ import sys
 from dataclasses import fields
 
 from lofit.adapter import AdapterError, load_adapter
+from lofit.heads import UnsupportedModelError
 from lofit.tasks import TASKS, TaskError
 from lofit.train.config import ConfigError, TrainConfig
 
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
 
         out = train_adapter(config_from_args(args))
         adapter = load_adapter(out)
-    except (ConfigError, TaskError, AdapterError, FileNotFoundError) as exc:
+    except (ConfigError, TaskError, AdapterError, UnsupportedModelError, FileNotFoundError) as exc:
         print(f"lofit-train: error: {exc}", file=sys.stderr)
         return 2
     summary = {"adapter": str(out), "heads": adapter.head_list(), "content_sha256": adapter.content_sha256,

@@ -127,3 +127,18 @@ def test_cli_bfloat16_model_keeps_float32_offsets(stories_dir, tmp_path, capsys)
     adapter = load_adapter(out)
     assert adapter.offsets.dtype == torch.float32 and torch.isfinite(adapter.offsets).all()
     assert adapter.metadata["hyperparameters"]["dtype"] == "bfloat16"
+
+
+def test_cli_unsupported_architecture_names_the_supported_ones(tmp_path, capsys):
+    from tokenizers import Tokenizer, models
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    gpt2 = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=64)).save_pretrained(gpt2)
+    vocab = {f"t{i}": i for i in range(64)}
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t0")))
+    tokenizer.save_pretrained(gpt2)
+    code = main(["--model", str(gpt2), "--task", "truthfulqa", "--heads", "1", "--out", str(tmp_path / "x"),
+                 "--limit", "2", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "LlamaForCausalLM" in err and "Qwen2ForCausalLM" in err

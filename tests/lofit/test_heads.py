@@ -9,7 +9,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lofit.heads import HeadLayout, identity_from_checkpoint, identity_from_model, layout_from_config
+from lofit.heads import (
+    HeadLayout,
+    UnsupportedModelError,
+    identity_from_checkpoint,
+    identity_from_model,
+    layout_from_config,
+)
 
 
 def test_identity_of_the_stories_checkpoint(stories_identity):
@@ -54,5 +60,5 @@ def test_checkpoint_without_o_proj_is_refused(stories_dir, tmp_path):
     tensors = load_file(str(dst / "model.safetensors"))
     tensors.pop("model.layers.2.self_attn.o_proj.weight")
     save_file(tensors, str(dst / "model.safetensors"))
-    with pytest.raises(KeyError, match="o_proj"):
+    with pytest.raises(UnsupportedModelError, match="o_proj"):
         identity_from_checkpoint(dst)
