@@ -36,6 +36,7 @@ class TrainConfig:
     train_size: int | None = None
     heads: int | None = None
     heads_percent: float | None = None
+    heads_from: str | None = None
     seed: int = 42
     epochs: int = 5
     epochs_a: int | None = None
@@ -98,7 +99,7 @@ class TrainConfig:
 
     def hyperparameters(self) -> dict[str, Any]:
         """What the adapter records (paths and switches that do not change the result left out)."""
-        skip = {"model", "out", "data", "val_data", "name", "progress", "device"}
+        skip = {"model", "out", "data", "val_data", "name", "progress", "device", "heads_from"}
         return {k: v for k, v in asdict(self).items() if k not in skip}
 
     @classmethod

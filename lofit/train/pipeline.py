@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lofit.adapter import REPORT_FILE, LofitAdapter
+from lofit.adapter import REPORT_FILE, LofitAdapter, load_adapter
 from lofit.heads import identity_from_checkpoint
 from lofit.intervene import LofitHooks, apply_adapters
 from lofit.picture import heads_png
@@ -20,7 +20,7 @@ from lofit.tasks import TaskData, load_task
 from lofit.train.config import ConfigError, TrainConfig
 from lofit.train.data import encode_examples, pad_token_id
 from lofit.train.objective import Objective
-from lofit.train.stage1 import select_heads
+from lofit.train.stage1 import select_heads, selection_from_adapter
 from lofit.train.stage2 import tune_offsets
 
 
@@ -79,8 +79,17 @@ def train_adapter(config: TrainConfig) -> Path:
                   max_grad_norm=cfg.max_grad_norm, init_std=cfg.init_std, progress=cfg.progress)
     load_seconds = time.perf_counter() - started
 
-    selection = select_heads(objective, hooks, train, val, lr=cfg.lr_a, l1=cfg.l1, epochs=cfg.epochs_a,
-                             **common)
+    if cfg.heads_from:
+        source = load_adapter(cfg.heads_from, expect_base=identity)
+        selection = selection_from_adapter(source, hooks.layout)
+        if k > len(selection.ranking):
+            raise ConfigError(f"--heads-from {cfg.heads_from} ranks only {len(selection.ranking)} heads; "
+                              f"K = {k} needs more")
+        reused = {"adapter": source.name, "task": source.task, "content_sha256": source.content_sha256}
+    else:
+        selection = select_heads(objective, hooks, train, val, lr=cfg.lr_a, l1=cfg.l1, epochs=cfg.epochs_a,
+                                 **common)
+        reused = None
     seed_everything(cfg.seed)  # stage 2 starts afresh, as the reference's second process does
     tuned = tune_offsets(objective, hooks, selection.top(k), train, val, lr=cfg.lr_v, epochs=cfg.epochs_v,
                          **common)
@@ -100,7 +109,10 @@ def train_adapter(config: TrainConfig) -> Path:
         task=task.name,
         metadata={"hyperparameters": cfg.hyperparameters(), "data": task.identity(), "metrics": metrics,
                   "selection": {"k": k, "percent_of_heads": round(100 * k / hooks.layout.total_heads, 2),
-                                "ranking": [list(h) for h in selection.ranking]}},
+                                "ranking": [list(h) for h in selection.ranking],
+                                "scores": None if selection.scores is None else
+                                [[round(float(x), 6) for x in row] for row in selection.scores],
+                                "reused_from": reused}},
     )
     if task.name == "truthfulqa" and cfg.mc_eval:
         mc_started = time.perf_counter()

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from lofit.adapter import AdapterError, LofitAdapter
+from lofit.heads import HeadLayout
 from lofit.intervene import LofitHooks
 from lofit.train.data import Encoded
 from lofit.train.loop import StageHistory, optimise
@@ -18,7 +20,7 @@ RANKING_KEPT = 160  # the reference saves the top 160 heads of the ranking
 class HeadSelection:
     """Stage-1 result: per-head scores, the ranking, the learned scales and the history."""
 
-    scores: torch.Tensor  # [L, H] = ||A[l, h]||_2
+    scores: torch.Tensor | None  # [L, H] = ||A[l, h]||_2; None when reused from an adapter without them
     scales: torch.Tensor  # [L, H, d] = A
     ranking: list[tuple[int, int]]  # heads by descending score (at most RANKING_KEPT)
     history: StageHistory
@@ -59,3 +61,20 @@ def select_heads(objective: Objective, hooks: LofitHooks, train: list[tuple[Enco
     learned = scales.detach().float().cpu()
     scores = learned.norm(dim=-1)
     return HeadSelection(scores=scores, scales=learned, ranking=rank_heads(scores), history=history)
+
+
+def selection_from_adapter(adapter: LofitAdapter, layout: HeadLayout) -> HeadSelection:
+    """Reuse the stage-1 result recorded in another adapter (e.g. heads chosen on a different task).
+
+    Uses its recorded ranking and score map when present, else its heads; stage 1 is not run.
+    """
+    recorded = adapter.metadata.get("selection") or {}
+    ranking = [(int(layer), int(head)) for layer, head in recorded.get("ranking") or adapter.head_list()]
+    scores = None if recorded.get("scores") is None else torch.tensor(recorded["scores"], dtype=torch.float32)
+    if scores is not None and scores.shape != (layout.num_layers, layout.num_heads):
+        raise AdapterError(f"adapter {adapter.name!r}: recorded scores have shape {list(scores.shape)}, "
+                           f"expected [{layout.num_layers}, {layout.num_heads}]")
+    scales = torch.zeros(layout.num_layers, layout.num_heads, layout.head_dim)
+    if adapter.scales is not None:
+        scales[adapter.heads[:, 0], adapter.heads[:, 1]] = adapter.scales
+    return HeadSelection(scores=scores, scales=scales, ranking=ranking, history=StageHistory())

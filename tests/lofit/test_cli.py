@@ -142,3 +142,18 @@ def test_cli_unsupported_architecture_names_the_supported_ones(tmp_path, capsys)
                  "--limit", "2", "--no-progress"])
     err = capsys.readouterr().err
     assert code == 2 and "LlamaForCausalLM" in err and "Qwen2ForCausalLM" in err
+
+
+def test_cli_heads_from_reuses_another_adapters_selection(trained, stories_dir, tmp_path):
+    source, _ = trained
+    out = tmp_path / "mquake-on-tqa-heads"
+    result = run_train("--model", str(stories_dir), "--task", "mquake", "--heads", "3", "--heads-from", str(source),
+                       "--out", str(out), "--epochs", "1", "--limit", "8", "--batch-size", "4", "--no-progress")
+    assert result.returncode == 0, result.stderr
+    adapter, original = load_adapter(out), load_adapter(source)
+    ranking = [tuple(h) for h in original.metadata["selection"]["ranking"]]
+    assert adapter.head_list() == sorted(ranking[:3])
+    assert adapter.metadata["selection"]["reused_from"]["content_sha256"] == original.content_sha256
+    assert adapter.metadata["selection"]["scores"] == original.metadata["selection"]["scores"]
+    report = json.loads((out / "train_report.json").read_text())
+    assert report["stage1"]["steps"] == [] and len(report["stage2"]["steps"]) == 2
