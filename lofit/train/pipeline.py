@@ -129,6 +129,6 @@ def train_adapter(config: TrainConfig) -> Path:
         "config": asdict(cfg),
     }
     picture = heads_png(selection.scores, heads, hooks.layout.num_layers, hooks.layout.num_heads,
-                        f"{name}: {task.name}, top {k} of {hooks.layout.total_heads} heads")
+                        f"{name} ({task.name}): top {k} of {hooks.layout.total_heads} heads by stage-1 ||A||")
     return adapter.save(cfg.out, extra_files={"heads.png": picture,
                                               REPORT_FILE: (json.dumps(report, indent=2) + "\n").encode()})
