@@ -96,7 +96,8 @@ def train_adapter(config: TrainConfig) -> Path:
     hooks.remove()
 
     heads = [tuple(h) for h in tuned.heads.tolist()]
-    scales = selection.scales[tuned.heads[:, 0], tuned.heads[:, 1]]
+    # Stage-1 scales are only meaningful when this run's stage 1 produced them.
+    scales = None if reused else selection.scales[tuned.heads[:, 0], tuned.heads[:, 1]]
     name = cfg.name or Path(cfg.out).name
     metrics: dict[str, Any] = {
         "stage2_val_before": tuned.val_before.as_dict() if tuned.val_before else None,

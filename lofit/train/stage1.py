@@ -21,7 +21,7 @@ class HeadSelection:
     """Stage-1 result: per-head scores, the ranking, the learned scales and the history."""
 
     scores: torch.Tensor | None  # [L, H] = ||A[l, h]||_2; None when reused from an adapter without them
-    scales: torch.Tensor  # [L, H, d] = A
+    scales: torch.Tensor | None  # [L, H, d] = A; None when reused from an adapter
     ranking: list[tuple[int, int]]  # heads by descending score (at most RANKING_KEPT)
     history: StageHistory
 
@@ -74,7 +74,4 @@ def selection_from_adapter(adapter: LofitAdapter, layout: HeadLayout) -> HeadSel
     if scores is not None and scores.shape != (layout.num_layers, layout.num_heads):
         raise AdapterError(f"adapter {adapter.name!r}: recorded scores have shape {list(scores.shape)}, "
                            f"expected [{layout.num_layers}, {layout.num_heads}]")
-    scales = torch.zeros(layout.num_layers, layout.num_heads, layout.head_dim)
-    if adapter.scales is not None:
-        scales[adapter.heads[:, 0], adapter.heads[:, 1]] = adapter.scales
-    return HeadSelection(scores=scores, scales=scales, ranking=ranking, history=StageHistory())
+    return HeadSelection(scores=scores, scales=None, ranking=ranking, history=StageHistory())

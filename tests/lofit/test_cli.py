@@ -155,5 +155,6 @@ def test_cli_heads_from_reuses_another_adapters_selection(trained, stories_dir, 
     assert adapter.head_list() == sorted(ranking[:3])
     assert adapter.metadata["selection"]["reused_from"]["content_sha256"] == original.content_sha256
     assert adapter.metadata["selection"]["scores"] == original.metadata["selection"]["scores"]
+    assert adapter.scales is None, "no stage-1 scales were learned in this run"
     report = json.loads((out / "train_report.json").read_text())
     assert report["stage1"]["steps"] == [] and len(report["stage2"]["steps"]) == 2
