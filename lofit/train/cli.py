@@ -19,8 +19,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a LoFiT adapter: stage 1 learns L1-regularised scales on every attention head and "
                     "keeps the top K by ||A||_2; stage 2 learns one offset vector per selected head. "
                     "Writes an adapter directory (adapter.safetensors, adapter_config.json, heads.png, "
-                    "train_report.json).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                    "train_report.json). --model, --task, --out and one of --heads/--heads-percent are required "
+                    "(on the command line or in --config).",
+        epilog="example: lofit-train --model models/SmolLM2-135M-Instruct --task truthfulqa --fold 0 "
+               "--heads-percent 3 --out adapters/truthfulqa",
+    )
     p.add_argument("--config", help="JSON file of settings (keys as the long flags, with _ for -); "
                                     "flags given on the command line win")
     p.add_argument("--model", help="local Hugging Face checkpoint directory of the base model")
