@@ -43,9 +43,9 @@ def select_heads(objective: Objective, hooks: LofitHooks, train: list[tuple[Enco
     """Train ``A ~ N(0, init_std)`` on all heads with ``task loss + l1 * sum|A|``; return the ranking."""
     torch.manual_seed(seed)
     layout = hooks.layout
-    scales = torch.nn.Parameter(torch.randn(layout.num_layers, layout.num_heads, layout.head_dim) * init_std)
     device = next(objective.model.parameters()).device
-    scales.data = scales.data.to(device)
+    init = torch.randn(layout.num_layers, layout.num_heads, layout.head_dim) * init_std  # drawn on the CPU RNG
+    scales = torch.nn.Parameter(init.to(device))
 
     def steer() -> None:
         hooks.scales, hooks.offsets = scales, None
