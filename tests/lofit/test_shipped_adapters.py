@@ -1,0 +1,46 @@
+"""Every adapter shipped in adapters/ is valid for the default model and steers it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from lofit.adapter import load_adapter
+from lofit.heads import identity_from_checkpoint
+from lofit.intervene import apply_adapters
+from lofit.models import default_model_dir, is_prepared
+
+ADAPTERS = sorted(p for p in (Path(__file__).resolve().parents[2] / "adapters").iterdir() if p.is_dir())
+
+
+@pytest.fixture(scope="module")
+def default_model():
+    if not is_prepared(default_model_dir()):
+        pytest.skip("the default model is not prepared (run scripts/setup.sh)")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = default_model_dir()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(path), identity_from_checkpoint(path)
+
+
+def test_adapters_are_shipped():
+    assert [p.name for p in ADAPTERS] == ["truthfulqa"]
+
+
+@pytest.mark.parametrize("directory", ADAPTERS, ids=lambda p: p.name)
+def test_shipped_adapter_is_valid_for_the_default_model_and_steers_it(directory, default_model):
+    model, tokenizer, identity = default_model
+    adapter = load_adapter(directory, expect_base=identity)
+    assert adapter.name == directory.name
+    assert (directory / "heads.png").read_bytes()[:4] == b"\x89PNG"
+    assert (directory / "train_report.json").is_file()
+    assert adapter.num_heads == round(0.03 * identity.num_hidden_layers * identity.num_attention_heads)
+    ids = tokenizer("Q: Can pigs fly? A:", return_tensors="pt").input_ids
+    with torch.no_grad():
+        plain = model(ids).logits[0, -1]
+        with apply_adapters(model, adapter):
+            steered = model(ids).logits[0, -1]
+    assert (steered - plain).abs().max() > 0.1
