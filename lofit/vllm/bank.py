@@ -1,0 +1,161 @@
+"""The adapter bank of one worker: fixed-address offset tables and a per-token row index.
+
+``tables[layer]`` is ``[capacity, heads_local * head_dim]``; row 0 is all zeros ("no adapter") and every
+other row holds the summed, weighted offsets of one adapter combination, laid out exactly like the input
+of ``o_proj`` on this tensor-parallel rank. Each step the runner writes, for every scheduled token, the
+row of its request into ``token_rows``; the model then adds ``tables[layer][token_rows[:n]]`` to the
+input of ``o_proj`` — a branch-free gather-add that torch.compile and CUDA graphs can capture once.
+
+The tables and the token-row buffer are allocated once and only ever written in place, and they are
+plain tensors on a plain object (not parameters or buffers, which inductor freezing could fold into
+constants). Rows are reference-counted per combination; a row whose count drops to zero stays cached
+for reuse and is recycled least-recently-used when a new combination needs room.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from lofit.adapter import AdapterError, LofitAdapter
+from lofit.heads import BaseModelIdentity
+from lofit.vllm.salt import Combination
+
+
+class BankError(RuntimeError):
+    """A bank operation that cannot be done (unknown adapter, adapter in use, no free row)."""
+
+
+@dataclass
+class _Row:
+    index: int
+    refcount: int = 0
+
+
+class AdapterBank:
+    """Resident adapters, one table row per live combination, and the per-token row buffer."""
+
+    def __init__(self, base: BaseModelIdentity, capacity: int, max_num_tokens: int,
+                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                 tp_rank: int = 0, tp_size: int = 1) -> None:
+        if capacity < 2:
+            raise ValueError("capacity must be at least 2 (row 0 is reserved for 'no adapter')")
+        if base.num_attention_heads % tp_size:
+            raise ValueError(f"tensor parallel size {tp_size} must divide the {base.num_attention_heads} "
+                             "attention heads")
+        self.base = base
+        self.heads_per_rank = base.num_attention_heads // tp_size
+        self.first_head = tp_rank * self.heads_per_rank
+        width = self.heads_per_rank * base.head_dim
+        self.tables = torch.zeros(base.num_hidden_layers, capacity, width, dtype=dtype, device=device)
+        self.token_rows = torch.zeros(max_num_tokens, dtype=torch.int64, device=device)
+        self._adapters: dict[str, LofitAdapter] = {}
+        self._rows: OrderedDict[Combination, _Row] = OrderedDict()  # least recently used first
+        self._free = list(range(capacity - 1, 0, -1))
+
+    @property
+    def capacity(self) -> int:
+        return self.tables.shape[1]
+
+    # -- adapters -------------------------------------------------------------------------------------
+
+    def load(self, adapter: LofitAdapter) -> str:
+        """Make ``adapter`` resident under its name (replacing older content); returns its content hash.
+
+        Requests already running with the older content keep it until they finish.
+        """
+        problems = adapter.base_model.mismatches(self.base)
+        if problems:
+            raise AdapterError(f"adapter {adapter.name!r} does not fit the served model: " + "; ".join(problems))
+        self._adapters[adapter.name] = adapter
+        return adapter.content_sha256
+
+    def unload(self, name: str) -> None:
+        """Forget ``name``; refused while a running request uses it. Cached idle rows are freed."""
+        if name not in self._adapters:
+            raise BankError(f"adapter {name!r} is not loaded")
+        if any(name in combo.names and row.refcount > 0 for combo, row in self._rows.items()):
+            raise BankError(f"adapter {name!r} is used by running requests; unload it when they finish")
+        for combo in [c for c in self._rows if name in c.names]:
+            self._free.append(self._rows.pop(combo).index)
+        del self._adapters[name]
+
+    def loaded(self) -> dict[str, str]:
+        """``{name: content_sha256}`` of the resident adapters."""
+        return {name: adapter.content_sha256 for name, adapter in self._adapters.items()}
+
+    def combination(self, weights: dict[str, float]) -> Combination:
+        """Resolve ``{name: weight}`` against the resident adapters."""
+        unknown = sorted(set(weights) - set(self._adapters))
+        if unknown:
+            raise BankError(f"adapter(s) {unknown} are not loaded")
+        return Combination.of({n: (self._adapters[n].content_sha256, w) for n, w in weights.items()})
+
+    # -- rows -----------------------------------------------------------------------------------------
+
+    def acquire(self, weights: dict[str, float]) -> tuple[int, Combination]:
+        """The row for this combination (written now if new) with its count raised by one."""
+        combo = self.combination(weights)
+        row = self._rows.get(combo)
+        if row is None:
+            row = _Row(self._take_row())
+            self._write(row.index, combo)
+            self._rows[combo] = row
+        self._rows.move_to_end(combo)
+        row.refcount += 1
+        return row.index, combo
+
+    def release(self, combo: Combination) -> None:
+        row = self._rows.get(combo)
+        if row is None or row.refcount == 0:
+            raise BankError(f"release of a combination that holds no row ({combo.names})")
+        row.refcount -= 1
+
+    def refcounts(self) -> dict[tuple[str, ...], int]:
+        return {combo.names: row.refcount for combo, row in self._rows.items()}
+
+    def _take_row(self) -> int:
+        if self._free:
+            return self._free.pop()
+        for combo, row in self._rows.items():  # least recently used idle row
+            if row.refcount == 0:
+                del self._rows[combo]
+                return row.index
+        raise BankError(f"all {self.capacity - 1} adapter rows are held by running requests; "
+                        "raise the bank capacity (at least max_num_seqs + 1)")
+
+    def _write(self, index: int, combo: Combination) -> None:
+        """Fill one row in place with the weighted sum of this rank's columns of each adapter."""
+        layout = self.base.layout
+        total = torch.zeros(layout.num_layers, layout.num_heads, layout.head_dim)
+        for name, _, weight in combo.parts:
+            total += weight * self._adapters[name].dense_offsets()
+        local = total[:, self.first_head:self.first_head + self.heads_per_rank].reshape(layout.num_layers, -1)
+        self.tables[:, index].copy_(local)
+
+    # -- per step -------------------------------------------------------------------------------------
+
+    def fill_token_rows(self, request_rows: Sequence[int], request_tokens: Sequence[int],
+                        num_padded: int | None = None) -> int:
+        """Host-side fill (V1 runner): request ``i``'s row for each of its scheduled tokens, 0 after.
+
+        Returns the number of real tokens. ``num_padded`` zeroes the padding up to that size.
+        """
+        rows = torch.tensor(request_rows, dtype=torch.int64)
+        counts = torch.tensor(request_tokens, dtype=torch.int64)
+        per_token = torch.repeat_interleave(rows, counts)
+        n = per_token.numel()
+        end = max(n, num_padded or n)
+        if end > self.token_rows.numel():
+            raise BankError(f"{end} tokens exceed the bank's token buffer ({self.token_rows.numel()})")
+        self.token_rows[:n].copy_(per_token)
+        self.token_rows[n:end].zero_()
+        return n
+
+    def apply(self, layer: int, attn_output: torch.Tensor) -> torch.Tensor:
+        """``attn_output [n, heads_local*head_dim]`` plus each token's row of ``tables[layer]``."""
+        rows = self.token_rows[: attn_output.shape[0]]
+        return attn_output + self.tables[layer].index_select(0, rows).to(attn_output.dtype)
