@@ -159,3 +159,18 @@ class AdapterBank:
         """``attn_output [n, heads_local*head_dim]`` plus each token's row of ``tables[layer]``."""
         rows = self.token_rows[: attn_output.shape[0]]
         return attn_output + self.tables[layer].index_select(0, rows).to(attn_output.dtype)
+
+
+_ACTIVE: dict[str, AdapterBank] = {}  # a plain global: compiled graphs read its tensors at call time
+
+
+def install_bank(bank: AdapterBank) -> None:
+    """Make ``bank`` the one this process's LoFiT model layers read (one model per worker process)."""
+    _ACTIVE["bank"] = bank
+
+
+def active_bank() -> AdapterBank:
+    bank = _ACTIVE.get("bank")
+    if bank is None:
+        raise RuntimeError("no LoFiT adapter bank is installed in this process")
+    return bank

@@ -1,0 +1,88 @@
+"""The LoFiT model wrapper inside a real vLLM engine (the CPU build runs the V1 model runner).
+
+One engine per module (start-up costs 1-2 minutes here). Until the per-request runner hook lands, the
+test steers every token through one bank row, which is what a batch of same-adapter requests gets.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+from lofit.adapter import load_adapter  # noqa: E402
+from lofit.intervene import apply_adapters  # noqa: E402
+from lofit.models import default_model_dir, is_prepared  # noqa: E402
+
+PROMPTS = ["Q: Can pigs fly? A:", "Q: What happens if you crack your knuckles a lot? A:"]
+ADAPTER = default_model_dir().parents[1] / "adapters" / "truthfulqa"
+
+
+@pytest.fixture(scope="module")
+def engine():
+    if not is_prepared(default_model_dir()):
+        pytest.skip("the default model is not prepared (run scripts/setup.sh)")
+    from vllm import LLM
+
+    from lofit.vllm.bank import active_bank
+
+    llm = LLM(str(default_model_dir()), hf_overrides={"architectures": ["LofitLlamaForCausalLM"]},
+              dtype="float32", gpu_memory_utilization=0.1, max_model_len=512, max_num_seqs=8,
+              enable_prefix_caching=False, seed=0)
+    yield llm, active_bank()
+    del llm
+
+
+@pytest.fixture(scope="module")
+def reference():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(default_model_dir(), dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(default_model_dir())
+
+
+def greedy_reference(reference, adapter=None, strength: float = 1.0) -> list[str]:
+    model, tokenizer = reference
+    texts = []
+    for prompt in PROMPTS:
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
+        with torch.no_grad():
+            if adapter is None:
+                out = model.generate(ids, max_new_tokens=12, do_sample=False)
+            else:
+                with apply_adapters(model, adapter, strengths=[strength]):
+                    out = model.generate(ids, max_new_tokens=12, do_sample=False)
+        texts.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+    return texts
+
+
+def generate(llm) -> list[str]:
+    from vllm import SamplingParams
+
+    outputs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=12), use_tqdm=False)
+    return [o.outputs[0].text for o in outputs]
+
+
+def test_unsteered_engine_equals_the_plain_model(engine, reference):
+    llm, bank = engine
+    bank.token_rows.zero_()
+    assert generate(llm) == greedy_reference(reference)
+
+
+def test_steered_engine_equals_the_reference_path(engine, reference):
+    llm, bank = engine
+    adapter = load_adapter(ADAPTER, expect_base=bank.base)
+    bank.load(adapter)
+    row, combo = bank.acquire({adapter.name: 4.0})
+    bank.token_rows.fill_(row)
+    try:
+        steered = generate(llm)
+    finally:
+        bank.token_rows.zero_()
+        bank.release(combo)
+    assert steered == greedy_reference(reference, adapter, strength=4.0)
+    assert steered != greedy_reference(reference), "strength 4 must change the greedy text"
