@@ -169,6 +169,10 @@ def install_bank(bank: AdapterBank) -> None:
     _ACTIVE["bank"] = bank
 
 
+def has_bank() -> bool:
+    return "bank" in _ACTIVE
+
+
 def active_bank() -> AdapterBank:
     bank = _ACTIVE.get("bank")
     if bank is None:

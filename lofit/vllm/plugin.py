@@ -19,6 +19,10 @@ BASE_ARCHITECTURES = {"LlamaForCausalLM": "LofitLlamaForCausalLM"}
 def register() -> None:
     from vllm import ModelRegistry
 
+    from lofit.vllm import runner_v1
+
+    runner_v1.install()
+
     supported = set(ModelRegistry.get_supported_archs())
     for name, target in WRAPPERS.items():
         if name not in supported:

@@ -1,7 +1,7 @@
 """The LoFiT model wrapper inside a real vLLM engine (the CPU build runs the V1 model runner).
 
-One engine per module (start-up costs 1-2 minutes here). Until the per-request runner hook lands, the
-test steers every token through one bank row, which is what a batch of same-adapter requests gets.
+One engine per module (start-up costs 1-2 minutes here). Requests choose adapters through
+``SamplingParams.extra_args``; the V1 runner hook gives each token its request's bank row.
 """
 
 from __future__ import annotations
@@ -60,29 +60,28 @@ def greedy_reference(reference, adapter=None, strength: float = 1.0) -> list[str
     return texts
 
 
-def generate(llm) -> list[str]:
+def generate(llm, extra_args: list[dict | None]) -> list[str]:
     from vllm import SamplingParams
 
-    outputs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=12), use_tqdm=False)
-    return [o.outputs[0].text for o in outputs]
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(len(extra_args))]
+    params = [SamplingParams(temperature=0, max_tokens=12, extra_args=x) for x in extra_args]
+    return [o.outputs[0].text for o in llm.generate(prompts, params, use_tqdm=False)]
 
 
 def test_unsteered_engine_equals_the_plain_model(engine, reference):
-    llm, bank = engine
-    bank.token_rows.zero_()
-    assert generate(llm) == greedy_reference(reference)
+    llm, _ = engine
+    assert generate(llm, [None, None]) == greedy_reference(reference)
 
 
-def test_steered_engine_equals_the_reference_path(engine, reference):
+def test_each_request_gets_its_own_adapter_in_one_batch(engine, reference):
     llm, bank = engine
     adapter = load_adapter(ADAPTER, expect_base=bank.base)
     bank.load(adapter)
-    row, combo = bank.acquire({adapter.name: 4.0})
-    bank.token_rows.fill_(row)
-    try:
-        steered = generate(llm)
-    finally:
-        bank.token_rows.zero_()
-        bank.release(combo)
-    assert steered == greedy_reference(reference, adapter, strength=4.0)
-    assert steered != greedy_reference(reference), "strength 4 must change the greedy text"
+    name = adapter.name
+    outputs = generate(llm, [{"lofit_adapter": name, "lofit_scale": 4.0}, None, None,
+                             {"lofit_adapters": {name: 4.0}}, {"lofit_adapter": name}, {"lofit_adapter": name}])
+    plain = greedy_reference(reference)
+    strong = greedy_reference(reference, adapter, strength=4.0)
+    shipped = greedy_reference(reference, adapter)
+    assert outputs == [strong[0], plain[1], plain[0], strong[1], shipped[0], shipped[1]]
+    assert strong != plain, "strength 4 must change the greedy text"

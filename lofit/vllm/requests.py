@@ -1,0 +1,64 @@
+"""Which adapters a request asks for, and which bank row each running request holds.
+
+A request names its steering in ``SamplingParams.extra_args`` (``vllm_xargs`` over HTTP):
+
+* ``{"lofit_adapter": "truthfulqa"}``, optionally with ``"lofit_scale": 1.5``;
+* ``{"lofit_adapters": {"truthfulqa": 1.0, "mquake": 0.5}}`` for a weighted sum.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from lofit.vllm.bank import AdapterBank
+from lofit.vllm.salt import Combination, CombinationError
+
+ADAPTER_KEY, SCALE_KEY, ADAPTERS_KEY = "lofit_adapter", "lofit_scale", "lofit_adapters"
+
+
+def requested_weights(extra_args: dict[str, Any] | None) -> dict[str, float] | None:
+    """``{name: weight}`` from a request's ``extra_args``; ``None`` when it asks for no adapter."""
+    extra_args = extra_args or {}
+    name, mix = extra_args.get(ADAPTER_KEY), extra_args.get(ADAPTERS_KEY)
+    if name is not None and mix is not None:
+        raise CombinationError(f"give either {ADAPTER_KEY!r} or {ADAPTERS_KEY!r}, not both")
+    if mix is not None:
+        if not isinstance(mix, dict) or not mix:
+            raise CombinationError(f"{ADAPTERS_KEY!r} must be a non-empty {{name: weight}} object")
+        weights = mix
+    elif name is not None:
+        if not isinstance(name, str):
+            raise CombinationError(f"{ADAPTER_KEY!r} must be an adapter name")
+        weights = {name: extra_args.get(SCALE_KEY, 1.0)}
+    else:
+        return None
+    out = {}
+    for key, weight in weights.items():
+        if isinstance(weight, bool) or not isinstance(weight, int | float) or not math.isfinite(weight):
+            raise CombinationError(f"adapter {key!r}: weight must be a finite number, got {weight!r}")
+        out[str(key)] = float(weight)
+    return out
+
+
+class RequestRows:
+    """Bank rows held by running requests: acquired on a request's first step, released when it ends."""
+
+    def __init__(self, bank: AdapterBank) -> None:
+        self.bank = bank
+        self._held: dict[str, tuple[int, Combination | None]] = {}
+
+    def row_for(self, req_id: str, extra_args: dict[str, Any] | None) -> int:
+        held = self._held.get(req_id)
+        if held is None:
+            weights = requested_weights(extra_args)
+            held = (0, None) if weights is None else self.bank.acquire(weights)
+            self._held[req_id] = held
+        return held[0]
+
+    def release_finished(self, live: set[str] | Any) -> None:
+        """Release the rows of tracked requests that are no longer in ``live``."""
+        for req_id in [r for r in self._held if r not in live]:
+            _, combo = self._held.pop(req_id)
+            if combo is not None:
+                self.bank.release(combo)
