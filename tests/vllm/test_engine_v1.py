@@ -32,7 +32,8 @@ def engine():
 
     llm = LLM(str(default_model_dir()), hf_overrides={"architectures": ["LofitLlamaForCausalLM"]},
               dtype="float32", gpu_memory_utilization=0.1, max_model_len=512, max_num_seqs=8,
-              enable_prefix_caching=False, seed=0)
+              enable_prefix_caching=False, seed=0,
+              worker_extension_cls="lofit.vllm.worker.LofitWorkerExtension")
     yield llm, active_bank()
     del llm
 
@@ -74,9 +75,10 @@ def test_unsteered_engine_equals_the_plain_model(engine, reference):
 
 
 def test_each_request_gets_its_own_adapter_in_one_batch(engine, reference):
-    llm, bank = engine
-    adapter = load_adapter(ADAPTER, expect_base=bank.base)
-    bank.load(adapter)
+    llm, _ = engine
+    adapter = load_adapter(ADAPTER)
+    [loaded] = llm.collective_rpc("lofit_load", args=(str(ADAPTER),))
+    assert loaded == {"name": "truthfulqa", "content_sha256": adapter.content_sha256, "num_heads": 8}
     name = adapter.name
     outputs = generate(llm, [{"lofit_adapter": name, "lofit_scale": 4.0}, None, None,
                              {"lofit_adapters": {name: 4.0}}, {"lofit_adapter": name}, {"lofit_adapter": name}])
@@ -85,3 +87,20 @@ def test_each_request_gets_its_own_adapter_in_one_batch(engine, reference):
     shipped = greedy_reference(reference, adapter)
     assert outputs == [strong[0], plain[1], plain[0], strong[1], shipped[0], shipped[1]]
     assert strong != plain, "strength 4 must change the greedy text"
+
+
+def test_adapters_are_managed_through_collective_rpc(engine, tmp_path):
+    llm, _ = engine
+    [listed] = llm.collective_rpc("lofit_list")
+    assert set(listed) <= {"truthfulqa"}
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    with pytest.raises(Exception, match="adapter_config.json not found"):
+        llm.collective_rpc("lofit_load", args=(str(broken),))
+    llm.collective_rpc("lofit_load", args=(str(ADAPTER),))
+    assert llm.collective_rpc("lofit_list")[0] == {"truthfulqa": load_adapter(ADAPTER).content_sha256}
+    generate(llm, [{"lofit_adapter": "truthfulqa"}])
+    generate(llm, [None])  # the next step releases the finished request's row
+    llm.collective_rpc("lofit_unload", args=("truthfulqa",))
+    assert llm.collective_rpc("lofit_list") == [{}]
+    assert generate(llm, [None])[0], "the engine keeps serving after a failed load and an unload"
