@@ -33,7 +33,8 @@ def engine():
     llm = LLM(str(default_model_dir()), hf_overrides={"architectures": ["LofitLlamaForCausalLM"]},
               dtype="float32", gpu_memory_utilization=0.1, max_model_len=512, max_num_seqs=8,
               enable_prefix_caching=False, seed=0,
-              worker_extension_cls="lofit.vllm.worker.LofitWorkerExtension")
+              worker_extension_cls="lofit.vllm.worker.LofitWorkerExtension",
+              logits_processors=["lofit.vllm.admission:LofitRequestValidator"])
     yield llm, active_bank()
     del llm
 
@@ -104,3 +105,15 @@ def test_adapters_are_managed_through_collective_rpc(engine, tmp_path):
     llm.collective_rpc("lofit_unload", args=("truthfulqa",))
     assert llm.collective_rpc("lofit_list") == [{}]
     assert generate(llm, [None])[0], "the engine keeps serving after a failed load and an unload"
+
+
+@pytest.mark.parametrize("extra_args", [{"lofit_adapter": 3}, {"lofit_adapters": {"a": "strong"}},
+                                        {"lofit_adapter": "a", "lofit_adapters": {"b": 1.0}}])
+def test_malformed_adapter_requests_are_refused_at_admission(engine, extra_args):
+    from vllm import SamplingParams
+    from vllm.exceptions import VLLMValidationError  # what the OpenAI server turns into HTTP 400
+
+    llm, _ = engine
+    with pytest.raises(VLLMValidationError, match="invalid LoFiT adapter request"):
+        llm.generate(PROMPTS[0], SamplingParams(max_tokens=2, extra_args=extra_args), use_tqdm=False)
+    assert generate(llm, [None])[0], "the engine keeps serving"
