@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from lofit.modes import eval_mode
 from lofit.tasks.truthfulqa import TruthfulQAItem
 
 INSTRUCTION = (
@@ -121,9 +122,7 @@ def score_item(model, tokenizer, item: TruthfulQAItem) -> MCResult:
 def evaluate_mc(model, tokenizer, items: list[TruthfulQAItem], progress: bool = True,
                 desc: str = "TruthfulQA MC") -> dict[str, float]:
     """Mean MC1 and MC2 over ``items`` for ``model`` as it is now (steer it around this call)."""
-    was_training = model.training
-    model.eval()
-    results = [score_item(model, tokenizer, item) for item in tqdm(items, desc=desc, disable=not progress)]
-    model.train(was_training)
+    with eval_mode(model):
+        results = [score_item(model, tokenizer, item) for item in tqdm(items, desc=desc, disable=not progress)]
     return {"mc1": sum(r.mc1 for r in results) / len(results),
             "mc2": sum(r.mc2 for r in results) / len(results), "questions": len(results)}

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lofit.modes import eval_mode
 from lofit.train.data import Batch, Encoded, collate
 from lofit.train.losses import dpo_loss, sequence_logprobs, sft_loss
 
@@ -48,13 +49,11 @@ class Objective:
         if self.kind != "dpo":
             return
         table = torch.zeros(len(encoded), 2)
-        was_training = self.model.training
-        self.model.eval()
-        for batch in self.batches(encoded, batch_size):
-            logps = self._logprobs(batch).float().cpu()
-            n = len(batch.index)
-            table[batch.index, 0], table[batch.index, 1] = logps[:n], logps[n:]
-        self.model.train(was_training)
+        with eval_mode(self.model):
+            for batch in self.batches(encoded, batch_size):
+                logps = self._logprobs(batch).float().cpu()
+                n = len(batch.index)
+                table[batch.index, 0], table[batch.index, 1] = logps[:n], logps[n:]
         self.reference[id(encoded)] = table
 
     def _dpo(self, batch: Batch, encoded: list[tuple[Encoded, ...]]):
@@ -79,19 +78,17 @@ class Objective:
     def evaluate(self, encoded: list[tuple[Encoded, ...]], batch_size: int) -> Evaluation:
         if not encoded:
             return Evaluation(loss=math.nan)
-        was_training = self.model.training
-        self.model.eval()
         total, count, wins, prefs = 0.0, 0, 0, 0
-        for batch in self.batches(encoded, batch_size):
-            n = len(batch.index)
-            if self.kind == "sft":
-                loss = self.loss(batch, encoded)
-            else:
-                loss, margins, preferred = self._dpo(batch, encoded)
-                wins += int((margins > 0).sum())
-                prefs += int(preferred.sum())
-            total, count = total + loss.item() * n, count + n
-        self.model.train(was_training)
+        with eval_mode(self.model):
+            for batch in self.batches(encoded, batch_size):
+                n = len(batch.index)
+                if self.kind == "sft":
+                    loss = self.loss(batch, encoded)
+                else:
+                    loss, margins, preferred = self._dpo(batch, encoded)
+                    wins += int((margins > 0).sum())
+                    prefs += int(preferred.sum())
+                total, count = total + loss.item() * n, count + n
         if self.kind == "sft":
             return Evaluation(loss=total / count)
         return Evaluation(loss=total / count, reward_accuracy=wins / count, preference_accuracy=prefs / count)
