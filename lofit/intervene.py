@@ -145,3 +145,22 @@ def apply_adapters(model: torch.nn.Module, adapters: LofitAdapter | Sequence[Lof
         yield hooks
     finally:
         hooks.remove()
+
+
+def combine(parts: Sequence[tuple[LofitAdapter, float]], name: str = "combined") -> LofitAdapter:
+    """One adapter equal to the weighted sum ``Σ w·offsets`` of adapters of the same base model.
+
+    This is what a served request with ``{"lofit_adapters": {a: w_a, b: w_b}}`` applies; scales (stage-1
+    adapters) are not combined.
+    """
+    if not parts:
+        raise ValueError("combine() needs at least one (adapter, weight) pair")
+    base = parts[0][0].base_model
+    total = torch.zeros(base.layout.num_layers, base.layout.num_heads, base.layout.head_dim)
+    for adapter, weight in parts:
+        problems = adapter.base_model.mismatches(base)
+        if problems:
+            raise BaseModelMismatchError(f"cannot combine adapters of different base models: {'; '.join(problems)}")
+        total += float(weight) * adapter.dense_offsets()
+    heads = torch.unique(torch.cat([adapter.heads for adapter, _ in parts]), dim=0)
+    return LofitAdapter(heads=heads, offsets=total[heads[:, 0], heads[:, 1]], base_model=base, name=name)

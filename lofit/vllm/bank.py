@@ -10,6 +10,11 @@ The tables and the token-row buffer are allocated once and only ever written in 
 plain tensors on a plain object (not parameters or buffers, which inductor freezing could fold into
 constants). Rows are reference-counted per combination; a row whose count drops to zero stays cached
 for reuse and is recycled least-recently-used when a new combination needs room.
+
+Adapter content is kept by content hash, and names point at content. A request is admitted with the exact
+content hashes it will use (stamped by the engine, see :mod:`lofit.vllm.engine`), so reloading or
+unloading a name never changes what an admitted request computes, and its prefix-cache salt always
+matches the content its KV was computed with.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ import torch
 from lofit.adapter import AdapterError, LofitAdapter
 from lofit.heads import BaseModelIdentity
 from lofit.vllm.salt import Combination
+
+RETAINED = 64  # unnamed, unused adapter contents kept for requests admitted just before a reload or unload
 
 
 class BankError(RuntimeError):
@@ -52,7 +59,8 @@ class AdapterBank:
         width = self.heads_per_rank * base.head_dim
         self.tables = torch.zeros(base.num_hidden_layers, capacity, width, dtype=dtype, device=device)
         self.token_rows = torch.zeros(max_num_tokens, dtype=torch.int64, device=device)
-        self._adapters: dict[str, LofitAdapter] = {}
+        self._contents: OrderedDict[str, LofitAdapter] = OrderedDict()  # content_sha256 -> adapter, oldest first
+        self._names: dict[str, str] = {}  # name -> content_sha256
         self._rows: OrderedDict[Combination, _Row] = OrderedDict()  # least recently used first
         self._free = list(range(capacity - 1, 0, -1))
 
@@ -65,40 +73,59 @@ class AdapterBank:
     def load(self, adapter: LofitAdapter) -> str:
         """Make ``adapter`` resident under its name (replacing older content); returns its content hash.
 
-        Requests already running with the older content keep it until they finish.
+        Content is kept by hash: requests admitted with the older content keep getting it until they end.
         """
         problems = adapter.base_model.mismatches(self.base)
         if problems:
             raise AdapterError(f"adapter {adapter.name!r} does not fit the served model: " + "; ".join(problems))
-        self._adapters[adapter.name] = adapter
-        return adapter.content_sha256
+        sha = adapter.content_sha256
+        self._contents[sha] = adapter
+        self._contents.move_to_end(sha)
+        self._names[adapter.name] = sha
+        self._evict_retired()
+        return sha
 
     def unload(self, name: str) -> None:
-        """Forget ``name``; refused while a running request uses it. Cached idle rows are freed."""
-        if name not in self._adapters:
+        """Forget the name ``name``. Requests that use its content keep it until they end."""
+        if name not in self._names:
             raise BankError(f"adapter {name!r} is not loaded")
-        if any(name in combo.names and row.refcount > 0 for combo, row in self._rows.items()):
-            raise BankError(f"adapter {name!r} is used by running requests; unload it when they finish")
-        for combo in [c for c in self._rows if name in c.names]:
-            self._free.append(self._rows.pop(combo).index)
-        del self._adapters[name]
+        del self._names[name]
+        self._evict_retired()
 
     def loaded(self) -> dict[str, str]:
-        """``{name: content_sha256}`` of the resident adapters."""
-        return {name: adapter.content_sha256 for name, adapter in self._adapters.items()}
+        """``{name: content_sha256}`` of the adapters that requests can name."""
+        return dict(self._names)
 
     def combination(self, weights: dict[str, float]) -> Combination:
-        """Resolve ``{name: weight}`` against the resident adapters."""
-        unknown = sorted(set(weights) - set(self._adapters))
+        """Resolve ``{name: weight}`` against the names loaded now."""
+        unknown = sorted(set(weights) - set(self._names))
         if unknown:
             raise BankError(f"adapter(s) {unknown} are not loaded")
-        return Combination.of({n: (self._adapters[n].content_sha256, w) for n, w in weights.items()})
+        return Combination.of({n: (self._names[n], w) for n, w in weights.items()})
+
+    def _evict_retired(self) -> None:
+        """Drop content no name points at and no held row uses, beyond the newest ``RETAINED`` such items."""
+        held = {sha for combo, row in self._rows.items() if row.refcount for _, sha, _ in combo.parts}
+        keep = set(self._names.values()) | held
+        retired = [sha for sha in self._contents if sha not in keep]  # oldest first
+        for sha in retired[: max(0, len(retired) - RETAINED)]:
+            del self._contents[sha]
+            for combo in [c for c in self._rows if sha in c.shas]:
+                self._free.append(self._rows.pop(combo).index)
 
     # -- rows -----------------------------------------------------------------------------------------
 
-    def acquire(self, weights: dict[str, float]) -> tuple[int, Combination]:
-        """The row for this combination (written now if new) with its count raised by one."""
-        combo = self.combination(weights)
+    def acquire(self, combo: Combination | dict[str, float]) -> tuple[int, Combination]:
+        """The row for this combination (written now if new) with its count raised by one.
+
+        A ``{name: weight}`` dict is resolved against the names loaded now; a :class:`Combination` names
+        exact content (what the engine stamped on the request at admission).
+        """
+        if isinstance(combo, dict):
+            combo = self.combination(combo)
+        missing = [name for name, sha, _ in combo.parts if sha not in self._contents]
+        if missing:
+            raise BankError(f"content of adapter(s) {missing} is no longer resident")
         row = self._rows.get(combo)
         if row is None:
             row = _Row(self._take_row())
@@ -131,8 +158,8 @@ class AdapterBank:
         """Fill one row in place with the weighted sum of this rank's columns of each adapter."""
         layout = self.base.layout
         total = torch.zeros(layout.num_layers, layout.num_heads, layout.head_dim)
-        for name, _, weight in combo.parts:
-            total += weight * self._adapters[name].dense_offsets()
+        for _, sha, weight in combo.parts:
+            total += weight * self._contents[sha].dense_offsets()
         local = total[:, self.first_head:self.first_head + self.heads_per_rank].reshape(layout.num_layers, -1)
         self.tables[:, index].copy_(local)
 

@@ -1,21 +1,25 @@
-"""LoFiT model wrappers for vLLM: the stock model, with an attention that adds the bank's offsets to the
-input of ``o_proj`` for every token.
+"""LoFiT model wrappers for vLLM: the stock model, whose attention output projections add each token's
+adapter offsets to their input.
 
-Module and parameter names are vLLM's own, so checkpoints load unchanged. The offset is a branch-free
-gather-add from the worker's :class:`~lofit.vllm.bank.AdapterBank` (row 0 = zeros), which torch.compile
-traces once and which reads the bank's tensors at call time.
+Every ``self_attn.o_proj`` of the stock model gets a subclass of its own class whose ``forward`` first adds
+the bank's offsets for that layer (a branch-free gather-add, row 0 = zeros). The module objects, names and
+parameters are vLLM's own, so checkpoints load unchanged, and the rest of the attention (rotary scaling,
+QK-norm, ...) is untouched. On a tensor-parallel rank ``o_proj`` is row-parallel, so its input holds this
+rank's heads, and so does the bank.
 """
 
 from __future__ import annotations
 
 import re
-from functools import partial
 from pathlib import Path
 
 import torch
+from torch import nn
 from vllm.config import VllmConfig
 from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
-from vllm.model_executor.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM
+from vllm.model_executor.models.llama import LlamaForCausalLM
+from vllm.model_executor.models.mistral import MistralForCausalLM
+from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
 
 from lofit.heads import identity_from_checkpoint
 from lofit.vllm.bank import AdapterBank, active_bank, install_bank
@@ -24,10 +28,10 @@ _LAYER = re.compile(r"layers\.(\d+)\.")
 
 
 def layer_index(prefix: str) -> int:
-    """``"model.layers.12.self_attn"`` -> 12."""
+    """``"model.layers.12.self_attn.o_proj"`` -> 12."""
     match = _LAYER.search(prefix + ".")
     if match is None:
-        raise ValueError(f"cannot find the layer index in module prefix {prefix!r}")
+        raise ValueError(f"cannot find the layer index in module name {prefix!r}")
     return int(match.group(1))
 
 
@@ -48,26 +52,55 @@ def build_bank(vllm_config: VllmConfig, capacity: int | None = None) -> AdapterB
     )
 
 
-class LofitLlamaAttention(LlamaAttention):
-    """Llama attention whose output gets each token's adapter offsets before ``o_proj``."""
-
-    def __init__(self, *args, prefix: str = "", **kwargs) -> None:
-        super().__init__(*args, prefix=prefix, **kwargs)
-        self.lofit_layer = layer_index(prefix)
-
-    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
-        qkv, _ = self.qkv_proj(hidden_states)
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q, k = self.rotary_emb(positions, q, k)
-        attn_output = active_bank().apply(self.lofit_layer, self.attn(q, k, v))
-        output, _ = self.o_proj(attn_output)
-        return output
+_STEERED_CLASSES: dict[type, type] = {}
 
 
-class LofitLlamaForCausalLM(LlamaForCausalLM):
-    """``LlamaForCausalLM`` (Llama, SmolLM2, ...) with LoFiT attention; creates this worker's bank."""
+def _steered_class(cls: type) -> type:
+    """``cls`` (a linear layer) whose forward adds the bank's offsets for ``self.lofit_layer`` to its input."""
+    if cls not in _STEERED_CLASSES:
+        def forward(self, input_: torch.Tensor, *args, **kwargs):
+            return cls.forward(self, active_bank().apply(self.lofit_layer, input_), *args, **kwargs)
+
+        _STEERED_CLASSES[cls] = type(f"Lofit{cls.__name__}", (cls,), {"forward": forward, "__module__": __name__})
+    return _STEERED_CLASSES[cls]
+
+
+def steer_o_proj(model: nn.Module) -> int:
+    """Make every attention ``o_proj`` of ``model`` add its layer's offsets; returns how many were found."""
+    found = 0
+    for name, module in model.named_modules():
+        if name.endswith("self_attn.o_proj"):
+            module.lofit_layer = layer_index(name)
+            module.__class__ = _steered_class(type(module))
+            found += 1
+    if not found:
+        raise ValueError(f"no self_attn.o_proj modules found in {type(model).__name__}")
+    return found
+
+
+class LofitModelMixin:
+    """Builds this worker's bank before the stock model, then steers its ``o_proj`` layers."""
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         install_bank(build_bank(vllm_config))
-        super().__init__(vllm_config=vllm_config, prefix=prefix,
-                         layer_type=partial(LlamaDecoderLayer, attn_layer_type=LofitLlamaAttention))
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        steer_o_proj(self)
+
+    @staticmethod
+    def get_model_state_cls() -> type:
+        """The V2 model runner's state for this model: it fills the bank's token rows before every forward."""
+        from lofit.vllm.runner_v2 import LofitModelState
+
+        return LofitModelState
+
+
+class LofitLlamaForCausalLM(LofitModelMixin, LlamaForCausalLM):
+    """``LlamaForCausalLM`` (Llama 2/3, SmolLM2, ...) with LoFiT steering."""
+
+
+class LofitMistralForCausalLM(LofitModelMixin, MistralForCausalLM):
+    """``MistralForCausalLM`` with LoFiT steering."""
+
+
+class LofitQwen2ForCausalLM(LofitModelMixin, Qwen2ForCausalLM):
+    """``Qwen2ForCausalLM`` (Qwen2, Qwen2.5) with LoFiT steering."""

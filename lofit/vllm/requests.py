@@ -15,6 +15,7 @@ from lofit.vllm.bank import AdapterBank
 from lofit.vllm.salt import Combination, CombinationError
 
 ADAPTER_KEY, SCALE_KEY, ADAPTERS_KEY = "lofit_adapter", "lofit_scale", "lofit_adapters"
+RESOLVED_KEY = "lofit_resolved"  # [[name, content_sha256, weight], ...], stamped by the engine at admission
 
 
 def requested_weights(extra_args: dict[str, Any] | None) -> dict[str, float] | None:
@@ -41,6 +42,12 @@ def requested_weights(extra_args: dict[str, Any] | None) -> dict[str, float] | N
     return out
 
 
+def resolved_combination(extra_args: dict[str, Any] | None) -> Combination | None:
+    """The exact content a request was admitted with (``None``: no adapter, or not stamped)."""
+    parts = (extra_args or {}).get(RESOLVED_KEY)
+    return None if parts is None else Combination.from_list(parts)
+
+
 class RequestRows:
     """Bank rows held by running requests: acquired on a request's first step, released when it ends."""
 
@@ -51,14 +58,21 @@ class RequestRows:
     def row_for(self, req_id: str, extra_args: dict[str, Any] | None) -> int:
         held = self._held.get(req_id)
         if held is None:
-            weights = requested_weights(extra_args)
-            held = (0, None) if weights is None else self.bank.acquire(weights)
+            combo = resolved_combination(extra_args)
+            if combo is None:  # not stamped by the engine guard (e.g. a bare runner in tests): resolve names now
+                weights = requested_weights(extra_args)
+                combo = None if weights is None else self.bank.combination(weights)
+            held = (0, None) if combo is None else self.bank.acquire(combo)
             self._held[req_id] = held
         return held[0]
+
+    def release(self, req_id: str) -> None:
+        """Release the row of ``req_id`` (no-op when it holds none)."""
+        held = self._held.pop(req_id, None)
+        if held is not None and held[1] is not None:
+            self.bank.release(held[1])
 
     def release_finished(self, live: set[str] | Any) -> None:
         """Release the rows of tracked requests that are no longer in ``live``."""
         for req_id in [r for r in self._held if r not in live]:
-            _, combo = self._held.pop(req_id)
-            if combo is not None:
-                self.bank.release(combo)
+            self.release(req_id)

@@ -23,12 +23,17 @@ def fill_token_rows(runner: Any, num_padded: int) -> None:
     tracker: RequestRows | None = getattr(runner, "_lofit_rows", None)
     if tracker is None:
         tracker = runner._lofit_rows = RequestRows(active_bank())
-    tracker.release_finished(runner.requests.keys())
+    tracker.release_finished(runner.requests.keys())  # the V1 runner has no per-request removal hook
     num_reqs = runner.input_batch.num_reqs
     req_ids = runner.input_batch.req_ids[:num_reqs]
     counts = np.diff(runner.query_start_loc.np[: num_reqs + 1]).tolist()
     rows = [tracker.row_for(rid, runner.requests[rid].sampling_params.extra_args) for rid in req_ids]
     tracker.bank.fill_token_rows(rows, counts, num_padded=num_padded)
+
+
+def hook_installed(runner: Any) -> bool:
+    """Whether this V1 runner's ``_model_forward`` is the LoFiT wrapper."""
+    return bool(getattr(type(runner)._model_forward, _MARK, False))
 
 
 def install() -> None:

@@ -49,6 +49,22 @@ class Combination:
         return tuple(name for name, _, _ in self.parts)
 
     @property
+    def shas(self) -> tuple[str, ...]:
+        return tuple(sha for _, sha, _ in self.parts)
+
+    def as_list(self) -> list[list]:
+        """``[[name, content_sha256, weight], ...]``: the form stamped into a request's ``extra_args``."""
+        return [[name, sha, weight] for name, sha, weight in self.parts]
+
+    @classmethod
+    def from_list(cls, parts: list) -> Combination:
+        """Inverse of :meth:`as_list`."""
+        try:
+            return cls.of({str(name): (str(sha), weight) for name, sha, weight in parts})
+        except (TypeError, ValueError) as exc:
+            raise CombinationError(f"malformed resolved adapter combination {parts!r}") from exc
+
+    @property
     def fingerprint(self) -> str:
         """sha256 (hex, 32 chars) over the content hashes and weights; names do not matter."""
         content = [[sha, repr(weight)] for _, sha, weight in self.parts]

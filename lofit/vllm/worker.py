@@ -1,20 +1,45 @@
-"""Worker extension: adapter load / unload / list on every worker, called through ``collective_rpc``.
+"""Adapter methods on every vLLM worker, called through ``collective_rpc``.
 
-Enable it with ``worker_extension_cls="lofit.vllm.worker.LofitWorkerExtension"`` (``--worker-extension-cls``);
-then ``llm.collective_rpc("lofit_load", args=(path,))`` loads an adapter directory on every rank. vLLM runs
-these calls between engine steps, so they never race a forward pass.
+The plugin adds these methods to vLLM's worker class when it registers (no ``--worker-extension-cls``
+needed), so ``llm.collective_rpc("lofit_load", args=(path,))`` loads an adapter directory on every rank.
+vLLM runs these calls between engine steps, so they never race a forward pass. Front ends should load
+and unload through the engine (``collective_rpc``), which also keeps the engine's admission registry
+(:mod:`lofit.vllm.engine`) in step.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from lofit.adapter import load_adapter
-from lofit.vllm.bank import active_bank
+import torch
+
+from lofit.adapter import LofitAdapter, load_adapter
+from lofit.vllm.bank import active_bank, has_bank
+
+SELF_TEST_ADAPTER = "__lofit_self_test__"
 
 
-class LofitWorkerExtension:
-    """Methods mixed into vLLM's worker class (they must not clash with the worker's own names)."""
+V1_RUNNER_MODULE = "vllm.v1.worker.gpu_model_runner"  # GPUModelRunner of the V1 runner (CPU build's base)
+V2_RUNNER_MODULE = "vllm.v1.worker.gpu.model_runner"  # GPUModelRunner of the V2 runner (GPU default)
+
+
+def runner_status(runner: Any) -> dict[str, Any]:
+    """Which model runner is active and whether its LoFiT hook is installed."""
+    modules = {cls.__module__ for cls in type(runner).__mro__}
+    status = {"runner": "unknown", "hook": False, "class": f"{type(runner).__module__}.{type(runner).__name__}"}
+    if V2_RUNNER_MODULE in modules:
+        from lofit.vllm import runner_v2
+
+        status.update(runner="v2", hook=runner_v2.hook_installed(runner))
+    elif V1_RUNNER_MODULE in modules:
+        from lofit.vllm import runner_v1
+
+        status.update(runner="v1", hook=runner_v1.hook_installed(runner))
+    return status
+
+
+class LofitWorkerMethods:
+    """Methods added to vLLM's worker class (they must not clash with the worker's own names)."""
 
     def lofit_load(self, path: str) -> dict[str, Any]:
         """Validate the adapter directory against the served model and make it resident under its name."""
@@ -23,9 +48,31 @@ class LofitWorkerExtension:
         return {"name": adapter.name, "content_sha256": bank.load(adapter), "num_heads": adapter.num_heads}
 
     def lofit_unload(self, name: str) -> None:
-        """Forget an adapter; refused while running requests use it."""
+        """Forget an adapter name; requests already admitted with it keep its content until they end."""
         active_bank().unload(name)
 
     def lofit_list(self) -> dict[str, str]:
         """``{name: content_sha256}`` of the resident adapters."""
         return active_bank().loaded()
+
+    def lofit_status(self) -> dict[str, Any]:
+        """Whether this worker serves a LoFiT model, and its runner and hook (checked at engine start)."""
+        return {"bank": has_bank(), **runner_status(self.model_runner)}
+
+    def lofit_load_self_test(self, seed: int = 0) -> dict[str, Any]:
+        """Load a strong random adapter on every head (same ``seed``, same content on every rank)."""
+        bank = active_bank()
+        layout = bank.base.layout
+        heads = torch.tensor([(layer, head) for layer in range(layout.num_layers) for head in range(layout.num_heads)])
+        offsets = torch.randn(len(heads), layout.head_dim, generator=torch.Generator().manual_seed(seed))
+        adapter = LofitAdapter(heads=heads, offsets=offsets, base_model=bank.base, name=SELF_TEST_ADAPTER)
+        return {"name": adapter.name, "content_sha256": bank.load(adapter), "num_heads": adapter.num_heads}
+
+
+def install() -> None:
+    """Add the methods to vLLM's worker base class once per process."""
+    from vllm.v1.worker.worker_base import WorkerBase
+
+    for name, method in vars(LofitWorkerMethods).items():
+        if name.startswith("lofit_") and not hasattr(WorkerBase, name):
+            setattr(WorkerBase, name, method)

@@ -79,15 +79,29 @@ def test_idle_rows_are_recycled_least_recently_used_and_full_bank_is_an_error(ba
     assert bank.acquire({"a": 3.0})[0] == 3, "an idle cached row is reused as it is"
 
 
-def test_unload_is_refused_while_in_use(bank):
-    _, combo = bank.acquire({"a": 1.0, "b": 1.0})
-    with pytest.raises(BankError, match="used by running requests"):
-        bank.unload("b")
-    bank.release(combo)
+def test_unload_forgets_the_name_but_admitted_requests_keep_the_content(bank, adapters):
+    _, held = bank.acquire({"a": 1.0, "b": 1.0})
+    _, admitted = bank.acquire({"b": 2.0})  # stands for a request stamped with b's content, not yet running
+    bank.release(admitted)
     bank.unload("b")
     assert bank.loaded().keys() == {"a"}
     with pytest.raises(BankError, match="not loaded"):
         bank.acquire({"b": 1.0})
+    row, _ = bank.acquire(admitted)  # by content hash: still served, exactly
+    torch.testing.assert_close(bank.tables[:, row], 2.0 * adapters["b"].dense_offsets().reshape(5, 64))
+    bank.release(held)
+    with pytest.raises(BankError, match="not loaded"):
+        bank.unload("b")
+
+
+def test_retired_content_is_evicted_beyond_the_retention_limit(bank, stories_identity, monkeypatch):
+    monkeypatch.setattr("lofit.vllm.bank.RETAINED", 1)
+    _, first = bank.acquire({"a": 1.0})
+    bank.release(first)
+    for seed in (10, 11):  # two reloads retire two contents; only the newest retired one is kept
+        bank.load(make_adapter(stories_identity, "a", [(2, 2)], seed=seed))
+    with pytest.raises(BankError, match="no longer resident"):
+        bank.acquire(first)
 
 
 def test_reloading_a_name_with_new_content_changes_the_fingerprint(bank, stories_identity):

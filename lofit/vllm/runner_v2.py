@@ -1,0 +1,94 @@
+"""Thin adapter for vLLM's V2 model runner (MRV2, the GPU default): fill the bank's token rows on device.
+
+MRV2 asks the model for its ``ModelState`` class (``get_model_state_cls``). :class:`LofitModelState` is the
+default state plus one bank row per persistent request slot: ``add_request`` resolves a request's
+``extra_args`` to a bank row once and writes it into ``slot_rows[req_index]``; ``prepare_inputs``, which
+MRV2 calls before every forward, expands it to one row per token with a gather and a ``searchsorted``, with
+no host sync. MRV2 re-sorts the batch every step, so the batch order is read from ``idx_mapping`` each time.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from vllm.config import VllmConfig
+from vllm.v1.core.sched.output import NewRequestData
+from vllm.v1.worker.gpu.input_batch import InputBatch
+from vllm.v1.worker.gpu.mm.encoder_cache import EncoderCache
+from vllm.v1.worker.gpu.model_states.default import DefaultModelState
+from vllm.v1.worker.gpu.states import RequestState
+
+from lofit.vllm.bank import AdapterBank, active_bank
+from lofit.vllm.requests import RequestRows
+
+
+def fill_token_rows_v2(token_rows: torch.Tensor, slot_rows: torch.Tensor, idx_mapping: torch.Tensor,
+                       query_start_loc: torch.Tensor, num_reqs: int, num_tokens: int, num_padded: int) -> None:
+    """Write each token's bank row into ``token_rows[:num_tokens]`` and zeros up to ``num_padded``.
+
+    Batch position ``i`` holds the request in persistent slot ``idx_mapping[i]``, whose row is
+    ``slot_rows[idx_mapping[i]]``; its tokens are ``query_start_loc[i]:query_start_loc[i + 1]``. Only
+    device ops with sizes known on the host, so nothing waits for the device.
+    """
+    end = max(num_tokens, num_padded)
+    if end > token_rows.numel():
+        raise ValueError(f"{end} tokens exceed the bank's token buffer ({token_rows.numel()})")
+    if num_reqs > 0 and num_tokens > 0:
+        row_of_req = slot_rows.index_select(0, idx_mapping[:num_reqs])
+        ends = query_start_loc[1:num_reqs + 1]
+        token_index = torch.arange(num_tokens, dtype=ends.dtype, device=ends.device)
+        # request of each token = number of requests that end at or before it; clamped so that a
+        # malformed query_start_loc can never index past the batch on the device.
+        req_of_token = torch.searchsorted(ends, token_index, right=True).clamp_(max=num_reqs - 1)
+        token_rows[:num_tokens] = row_of_req[req_of_token]
+    else:
+        num_tokens = 0
+    token_rows[num_tokens:end].zero_()
+
+
+class LofitModelState(DefaultModelState):
+    """MRV2 model state of a LoFiT model: the default state, plus each request slot's bank row."""
+
+    def __init__(self, vllm_config: VllmConfig, model: nn.Module, encoder_cache: EncoderCache | None,
+                 device: torch.device) -> None:
+        super().__init__(vllm_config, model, encoder_cache, device)
+        self.bank: AdapterBank = active_bank()
+        self.rows = RequestRows(self.bank)
+        self.slot_rows = torch.zeros(self.max_num_reqs, dtype=self.bank.token_rows.dtype, device=device)
+        self.req_slots: dict[str, int] = {}  # req_id -> persistent slot (req_index)
+
+    def add_request(self, req_index: int, new_req_data: NewRequestData) -> None:
+        """A new or re-admitted (preempted, streamed) request: hold its bank row and record it for its slot."""
+        super().add_request(req_index, new_req_data)
+        params = new_req_data.sampling_params
+        row = self.rows.row_for(new_req_data.req_id, params.extra_args if params is not None else None)
+        self.slot_rows[req_index:req_index + 1].fill_(row)
+        self.req_slots[new_req_data.req_id] = req_index
+
+    def remove_request(self, req_id: str) -> None:
+        """A finished or preempted request: release its row and clear its slot (no-op for unknown ids)."""
+        self.rows.release(req_id)
+        slot = self.req_slots.pop(req_id, None)
+        if slot is not None:
+            self.slot_rows[slot:slot + 1].zero_()
+        super().remove_request(req_id)
+
+    def prepare_inputs(self, input_batch: InputBatch, req_states: RequestState) -> dict[str, Any]:
+        model_inputs = super().prepare_inputs(input_batch, req_states)
+        fill_token_rows_v2(self.bank.token_rows, self.slot_rows, input_batch.idx_mapping,
+                           input_batch.query_start_loc, input_batch.num_reqs, input_batch.num_tokens,
+                           input_batch.num_tokens_after_padding)
+        return model_inputs
+
+    def prepare_dummy_inputs(self, num_reqs: int, num_tokens: int) -> dict[str, Any]:
+        """CUDA-graph capture: no adapter on any token (called before capture, so not recorded in the graph)."""
+        model_inputs = super().prepare_dummy_inputs(num_reqs, num_tokens)
+        self.bank.token_rows.zero_()
+        return model_inputs
+
+
+def hook_installed(model_runner: Any) -> bool:
+    """Whether a V2 model runner (``vllm.v1.worker.gpu.model_runner.GPUModelRunner``) uses the LoFiT state."""
+    return isinstance(getattr(model_runner, "model_state", None), LofitModelState)
