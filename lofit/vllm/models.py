@@ -10,6 +10,7 @@ rank's heads, and so does the bank.
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from vllm.model_executor.models.llama import LlamaForCausalLM
 from vllm.model_executor.models.mistral import MistralForCausalLM
 from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
 
+from lofit.adapter import load_adapter
 from lofit.heads import identity_from_checkpoint
 from lofit.vllm.bank import AdapterBank, active_bank, install_bank
 
@@ -50,6 +52,23 @@ def build_bank(vllm_config: VllmConfig, capacity: int | None = None) -> AdapterB
         tp_rank=get_tensor_model_parallel_rank(),
         tp_size=get_tensor_model_parallel_world_size(),
     )
+
+
+def preload_adapters(bank: AdapterBank, spec: str | None) -> list[str]:
+    """Load the adapters named by ``LOFIT_ADAPTERS``: directories separated by ``os.pathsep``, each an adapter
+    or a folder of adapters. A broken adapter stops the start with its error (it was asked for by name)."""
+    names = []
+    for entry in filter(None, (spec or "").split(os.pathsep)):
+        root = Path(entry)
+        if not root.is_dir():
+            raise FileNotFoundError(f"LOFIT_ADAPTERS: {root} is not a directory")
+        paths = [root] if (root / "adapter_config.json").is_file() else sorted(
+            p for p in root.iterdir() if (p / "adapter_config.json").is_file())
+        for path in paths:
+            adapter = load_adapter(path, expect_base=bank.base)
+            bank.load(adapter)
+            names.append(adapter.name)
+    return names
 
 
 _STEERED_CLASSES: dict[type, type] = {}
@@ -82,7 +101,9 @@ class LofitModelMixin:
     """Builds this worker's bank before the stock model, then steers its ``o_proj`` layers."""
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
-        install_bank(build_bank(vllm_config))
+        bank = build_bank(vllm_config)
+        preload_adapters(bank, os.environ.get("LOFIT_ADAPTERS"))
+        install_bank(bank)
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         steer_o_proj(self)
 

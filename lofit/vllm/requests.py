@@ -3,7 +3,8 @@
 A request names its steering in ``SamplingParams.extra_args`` (``vllm_xargs`` over HTTP):
 
 * ``{"lofit_adapter": "truthfulqa"}``, optionally with ``"lofit_scale": 1.5``;
-* ``{"lofit_adapters": {"truthfulqa": 1.0, "mquake": 0.5}}`` for a weighted sum.
+* ``{"lofit_adapters": {"truthfulqa": 1.0, "mquake": 0.5}}`` for a weighted sum, or the same as a list
+  ``["truthfulqa:1.0", "mquake:0.5"]`` (vLLM's ``vllm_xargs`` over HTTP allows lists but not objects).
 """
 
 from __future__ import annotations
@@ -25,8 +26,11 @@ def requested_weights(extra_args: dict[str, Any] | None) -> dict[str, float] | N
     if name is not None and mix is not None:
         raise CombinationError(f"give either {ADAPTER_KEY!r} or {ADAPTERS_KEY!r}, not both")
     if mix is not None:
+        if isinstance(mix, list) and mix and all(isinstance(item, str) for item in mix):
+            mix = dict(_name_and_weight(item) for item in mix)
         if not isinstance(mix, dict) or not mix:
-            raise CombinationError(f"{ADAPTERS_KEY!r} must be a non-empty {{name: weight}} object")
+            raise CombinationError(f"{ADAPTERS_KEY!r} must be a non-empty {{name: weight}} object "
+                                   "or a list of 'name:weight' strings")
         weights = mix
     elif name is not None:
         if not isinstance(name, str):
@@ -46,6 +50,16 @@ def resolved_combination(extra_args: dict[str, Any] | None) -> Combination | Non
     """The exact content a request was admitted with (``None``: no adapter, or not stamped)."""
     parts = (extra_args or {}).get(RESOLVED_KEY)
     return None if parts is None else Combination.from_list(parts)
+
+
+def _name_and_weight(item: str) -> tuple[str, float]:
+    name, sep, weight = item.rpartition(":")
+    if not sep:
+        return item, 1.0
+    try:
+        return name, float(weight)
+    except ValueError:
+        raise CombinationError(f"{item!r}: expected 'name:weight' with a number after the colon") from None
 
 
 class RequestRows:

@@ -7,7 +7,7 @@ import torch
 
 from lofit.adapter import BaseModelMismatchError, LofitAdapter
 from lofit.heads import BaseModelIdentity
-from lofit.intervene import LofitHooks, apply_adapters, batch_offsets, dense_table
+from lofit.intervene import LofitHooks, apply_adapters, batch_offsets, combine, dense_table
 
 
 def capture_o_proj_inputs(model) -> tuple[list[torch.Tensor], list]:
@@ -139,3 +139,17 @@ def test_per_row_offsets_must_match_the_batch(stories_model, stories_tokenizer):
         hooks.offsets = torch.zeros(3, 5, 8, 8)
         with pytest.raises(ValueError, match="3 rows"):
             stories_model(ids)
+
+
+def test_combine_is_the_weighted_sum_over_the_union_of_heads(stories_identity):
+    a = LofitAdapter(heads=torch.tensor([(0, 1), (2, 3)]), offsets=torch.ones(2, 8), base_model=stories_identity,
+                     name="a")
+    b = LofitAdapter(heads=torch.tensor([(2, 3), (4, 0)]), offsets=2 * torch.ones(2, 8),
+                     base_model=stories_identity, name="b")
+    mix = combine([(a, 0.5), (b, -1.0)])
+    assert mix.heads.tolist() == [[0, 1], [2, 3], [4, 0]]
+    torch.testing.assert_close(mix.dense_offsets(), 0.5 * a.dense_offsets() - b.dense_offsets())
+    other = BaseModelIdentity(**{**stories_identity.to_dict(), "fingerprint": "sha256:" + "4" * 64})
+    with pytest.raises(BaseModelMismatchError):
+        combine([(a, 1.0), (LofitAdapter(heads=torch.tensor([(0, 0)]), offsets=torch.ones(1, 8),
+                                         base_model=other, name="c"), 1.0)])

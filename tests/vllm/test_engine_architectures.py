@@ -127,7 +127,8 @@ def test_each_architecture_matches_the_reference_in_a_mixed_batch(architecture, 
     assert engine_tokens(model_dir, wrapper, adapters, tmp_path) == expected
 
 
-def test_tensor_parallel_ranks_steer_their_own_heads(tmp_path):
+def test_tensor_parallel_ranks_steer_their_own_heads(tmp_path, monkeypatch):
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")  # one core per rank (the default binds by NUMA node)
     model_dir = tiny_checkpoint(tmp_path / "llama", "llama")
     adapters = {"A": random_adapter(model_dir, "A", [(0, 1), (1, 3), (2, 0)], seed=1),
                 "B": random_adapter(model_dir, "B", [(0, 1), (2, 2)], seed=2)}

@@ -16,6 +16,8 @@ import torch
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
+from vllm import SamplingParams  # noqa: E402
+
 from lofit.adapter import LofitAdapter, load_adapter  # noqa: E402
 from lofit.intervene import apply_adapters, combine  # noqa: E402
 from lofit.models import default_model_dir, is_prepared  # noqa: E402
@@ -31,17 +33,25 @@ NEW_TOKENS = 10
 
 
 @pytest.fixture(scope="module")
-def engine():
+def offline():
+    """The Python API's engine, started with the shipped adapters preloaded through ``LOFIT_ADAPTERS``."""
     if not is_prepared(default_model_dir()):
         pytest.skip("the default model is not prepared (run scripts/setup.sh)")
-    from vllm import LLM
+    from lofit.vllm.offline import LofitLLM
 
-    llm = LLM(str(default_model_dir()), hf_overrides={"architectures": ["LofitLlamaForCausalLM"]},
-              dtype="float32", gpu_memory_utilization=0.1, max_model_len=512, max_num_seqs=8,
-              max_num_batched_tokens=32, enable_prefix_caching=True, block_size=32, seed=0,
-              logits_processors=["lofit.vllm.admission:LofitRequestValidator"])
+    os.environ["LOFIT_ADAPTERS"] = str(ADAPTER.parent)
+    try:
+        llm = LofitLLM(default_model_dir(), dtype="float32", gpu_memory_utilization=0.1, max_model_len=512,
+                       max_num_seqs=8, max_num_batched_tokens=32, enable_prefix_caching=True, block_size=32, seed=0)
+    finally:
+        del os.environ["LOFIT_ADAPTERS"]
     yield llm
     del llm
+
+
+@pytest.fixture(scope="module")
+def engine(offline):
+    return offline.llm
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +102,17 @@ def texts(outputs) -> list[str]:
 def load(llm, adapter: LofitAdapter) -> dict:
     [info] = llm.collective_rpc("lofit_load", args=(str(adapter.path),))
     return info
+
+
+def test_start_up_preloads_adapters_and_the_python_api_steers_per_prompt(offline, reference):
+    assert offline.adapters() == {"truthfulqa": load_adapter(ADAPTER).content_sha256}
+    prompt = PROMPTS[1]
+    outputs = offline.generate([prompt] * 3, SamplingParams(temperature=0, max_tokens=NEW_TOKENS),
+                               adapters=[None, "truthfulqa", {"truthfulqa": 4.0}])
+    shipped = load_adapter(ADAPTER)
+    assert texts(outputs) == [greedy_reference(reference, prompt),
+                              greedy_reference(reference, prompt, [shipped], [1.0]),
+                              greedy_reference(reference, prompt, [shipped], [4.0])]
 
 
 def test_start_up_checked_the_hook_and_the_self_test_passes(engine):

@@ -16,12 +16,15 @@ def test_requested_weights_forms():
     assert requested_weights({"lofit_adapter": "tqa"}) == {"tqa": 1.0}
     assert requested_weights({"lofit_adapter": "tqa", "lofit_scale": 2}) == {"tqa": 2.0}
     assert requested_weights({"lofit_adapters": {"a": 1, "b": -0.5}}) == {"a": 1.0, "b": -0.5}
+    assert requested_weights({"lofit_adapters": ["a:1", "b:-0.5", "c"]}) == {"a": 1.0, "b": -0.5, "c": 1.0}
 
 
 @pytest.mark.parametrize("extra_args", [
     {"lofit_adapter": "a", "lofit_adapters": {"b": 1.0}},
     {"lofit_adapters": {}},
-    {"lofit_adapters": ["a"]},
+    {"lofit_adapters": [1.0]},
+    {"lofit_adapters": ["a:strong"]},
+    {"lofit_adapters": ["a:nan"]},
     {"lofit_adapter": 3},
     {"lofit_adapter": "a", "lofit_scale": "big"},
     {"lofit_adapter": "a", "lofit_scale": float("nan")},
