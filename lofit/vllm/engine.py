@@ -14,6 +14,7 @@ must change the logits, and an unsteered request next to it must not.
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from typing import Any
@@ -23,6 +24,8 @@ import numpy as np
 from lofit.vllm.requests import RESOLVED_KEY, requested_weights
 from lofit.vllm.salt import SALT_PREFIX, Combination, CombinationError, combine_salt
 from lofit.vllm.worker import SELF_TEST_ADAPTER
+
+logger = logging.getLogger("vllm.lofit")  # under vLLM's logger, so it shows in vLLM's logs
 
 _MARK = "_lofit_wrapped"
 _ATTR = "_lofit_adapters"  # on the EngineCore: {name: content_sha256}, or None for a non-LoFiT model
@@ -91,7 +94,10 @@ def check_workers(core: Any) -> dict[str, str] | None:
             "LoFiT cannot tell that its steering hook is installed on the active model runner "
             f"({broken[0]['runner']} runner, {broken[0]['class']}); refusing to start rather than serve "
             "without steering. Supported: vLLM 0.32 V1 and V2 model runners.")
-    return dict(core.model_executor.collective_rpc("lofit_list")[0])
+    loaded = dict(core.model_executor.collective_rpc("lofit_list")[0])
+    logger.info("LoFiT: %s runner hook installed on %d worker(s); adapters loaded: %s",
+                statuses[0]["runner"], len(statuses), sorted(loaded) or "none")
+    return loaded
 
 
 def _top_logprobs(output: Any) -> dict[int, float]:
@@ -162,6 +168,8 @@ def self_test(core: Any, tolerance: float | None = None) -> dict[str, float]:
     if steered <= max(10 * tolerance, 0.5):
         raise SelfTestError(f"LoFiT self-test: a strongly steered request changed the log-probs by only "
                             f"{steered:.3g}; steering is not applied")
+    logger.info("LoFiT self-test passed: steered log-probs moved by %.3g, unsteered by %.3g (tolerance %g)",
+                steered, plain, tolerance)
     return {"unsteered_change": plain, "steered_change": steered}
 
 

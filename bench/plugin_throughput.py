@@ -1,0 +1,128 @@
+"""Serving cost of per-request steering: stock vLLM against the LoFiT plugin with 0, 1, 16 and 64 distinct adapters.
+
+Two engines run side by side (each engine core in its own process): stock vLLM serving the checkpoint as
+``LlamaForCausalLM``, and the same checkpoint under ``LofitLlamaForCausalLM``. Each round sends one batch of
+``--requests`` concurrent requests (fixed prompt and output lengths, ``ignore_eos``) to every variant in turn,
+so the variants are interleaved in time; prompts differ per request and per round, so no variant gets
+prefix-cache hits the others do not. The first round warms up and is dropped; the median over the remaining
+rounds is reported, with the ratios the plugin is judged by.
+
+    python bench/plugin_throughput.py [--model DIR] [--requests 64] [--prompt-tokens 64] [--output-tokens 32]
+                                      [--rounds 4] [--out bench/results/plugin_throughput.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from lofit.adapter import LofitAdapter
+from lofit.heads import identity_from_checkpoint
+from lofit.models import default_model_dir
+
+VARIANTS = ("stock", "plugin, no adapter", "plugin, 1 adapter", "plugin, 16 distinct", "plugin, 64 distinct")
+
+
+def make_adapters(model_dir: Path, count: int, directory: Path) -> list[str]:
+    """``count`` random adapters of 8 heads each (the shipped adapter's size), saved under ``directory``."""
+    identity = identity_from_checkpoint(model_dir, name=model_dir.name)
+    layout = identity.layout
+    paths = []
+    for i in range(count):
+        gen = torch.Generator().manual_seed(i)
+        flat = torch.randperm(layout.num_layers * layout.num_heads, generator=gen)[:8]
+        heads = torch.stack([flat // layout.num_heads, flat % layout.num_heads], dim=1)
+        adapter = LofitAdapter(heads=heads, offsets=0.1 * torch.randn(8, layout.head_dim, generator=gen),
+                               base_model=identity, name=f"bench{i:02d}")
+        paths.append(str(adapter.save(directory / adapter.name)))
+    return paths
+
+
+def extra_args(variant: str, index: int) -> dict | None:
+    if variant in ("stock", "plugin, no adapter"):
+        return None
+    distinct = {"plugin, 1 adapter": 1, "plugin, 16 distinct": 16, "plugin, 64 distinct": 64}[variant]
+    return {"lofit_adapter": f"bench{index % distinct:02d}"}
+
+
+def run_batch(llm, variant: str, round_index: int, args, vocab: int) -> dict:
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    gen = torch.Generator().manual_seed(1000 * round_index + 1)
+    prompts = [TokensPrompt(prompt_token_ids=torch.randint(10, vocab, (args.prompt_tokens,), generator=gen).tolist())
+               for _ in range(args.requests)]
+    params = [SamplingParams(temperature=0, max_tokens=args.output_tokens, ignore_eos=True,
+                             extra_args=extra_args(variant, i)) for i in range(args.requests)]
+    start = time.perf_counter()
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    seconds = time.perf_counter() - start
+    tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+    assert tokens == args.requests * args.output_tokens
+    return {"seconds": seconds, "output_tokens_per_s": tokens / seconds}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, default=default_model_dir())
+    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--prompt-tokens", type=int, default=64)
+    parser.add_argument("--output-tokens", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=4, help="rounds including the warm-up round")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--out", type=Path, default=Path("bench/results/plugin_throughput.json"))
+    args = parser.parse_args()
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+
+    from vllm import LLM
+
+    common = dict(dtype=args.dtype, gpu_memory_utilization=0.1, max_model_len=args.prompt_tokens + args.output_tokens,
+                  max_num_seqs=args.requests, seed=0)
+    engines = {"stock": LLM(str(args.model), **common),
+               "plugin": LLM(str(args.model), hf_overrides={"architectures": ["LofitLlamaForCausalLM"]}, **common)}
+    with tempfile.TemporaryDirectory() as tmp:
+        for path in make_adapters(args.model, 64, Path(tmp)):
+            engines["plugin"].collective_rpc("lofit_load", args=(path,))
+    vocab = engines["stock"].get_tokenizer().vocab_size
+
+    samples: dict[str, list[dict]] = {v: [] for v in VARIANTS}
+    for round_index in range(args.rounds):
+        for variant in VARIANTS:
+            llm = engines["stock" if variant == "stock" else "plugin"]
+            result = run_batch(llm, variant, round_index, args, vocab)
+            if round_index > 0:
+                samples[variant].append(result)
+            print(f"round {round_index} {variant:22s} {result['output_tokens_per_s']:8.1f} tok/s", flush=True)
+
+    table = {v: statistics.median(s["output_tokens_per_s"] for s in samples[v]) for v in VARIANTS}
+    ratios = {"16 distinct / stock": table["plugin, 16 distinct"] / table["stock"],
+              "64 distinct / 1 adapter": table["plugin, 64 distinct"] / table["plugin, 1 adapter"],
+              "no adapter / stock": table["plugin, no adapter"] / table["stock"]}
+    goals = {"16 distinct / stock": 0.97, "64 distinct / 1 adapter": 0.97}
+    print(f"\n| variant | output tok/s (median of {args.rounds - 1}) |\n|---|---|")
+    for variant in VARIANTS:
+        print(f"| {variant} | {table[variant]:.1f} |")
+    print("\n| ratio | measured | goal |\n|---|---|---|")
+    for name, value in ratios.items():
+        print(f"| {name} | {value:.3f} | {'≥ ' + str(goals[name]) if name in goals else '—'} |")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({
+        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
+                    "torch": torch.__version__},
+        "settings": {k: str(v) for k, v in vars(args).items()},
+        "adapter_heads": 8,
+        "samples": samples, "median_output_tokens_per_s": table, "ratios": ratios, "goals": goals,
+    }, indent=2))
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
