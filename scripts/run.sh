@@ -1,13 +1,11 @@
 #!/usr/bin/env bash
-# Quick start main job: set up (idempotent), then train a short TruthfulQA adapter on the default model.
-# Until the server lands, this is the project's main job; extra arguments go to lofit-train.
+# Quick start main job: set up (idempotent), then serve the embedded SmolLM2-135M-Instruct with the shipped
+# adapters on http://127.0.0.1:8000 (POST /generate, the OpenAI API under /v1, the schema at /docs).
+# Extra arguments go to lofit-serve (e.g. --port 8080 --api-key KEY --admin-key KEY).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 bash scripts/setup.sh
-MODEL="$(.venv/bin/python -m lofit.models path)"
-OUT="${LOFIT_QUICKSTART_OUT:-runs/quickstart-truthfulqa}"
-echo "[run] lofit-train on $MODEL -> $OUT (a short run: 64 pairs, 1 epoch per stage)"
-exec .venv/bin/lofit-train --model "$MODEL" --task truthfulqa --fold 0 --heads-percent 3 \
-    --epochs 1 --limit 64 --out "$OUT" "$@"
+echo "[run] lofit-serve: the engine starts in 1-2 minutes on a CPU; it is ready when /ready answers 200"
+exec .venv/bin/lofit-serve "$@"

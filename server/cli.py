@@ -1,0 +1,98 @@
+"""``lofit-serve``: start the HTTP server on a model with a folder of adapters.
+
+    lofit-serve [--model DIR] [--adapters-dir DIR] [--host 127.0.0.1] [--port 8000] [--api-key KEY]
+                [--admin-key KEY] [--dtype auto] [--max-model-len 2048] [--max-num-seqs 64]
+                [--max-adapters 256] [--kv-cache-gib 1] [--max-prompt-tokens N] [--served-model-name NAME]
+                [any vLLM engine flag, e.g. --enforce-eager --max-num-batched-tokens 4096]
+
+The defaults serve the embedded SmolLM2-135M-Instruct with the shipped ``adapters/``. Keys may also come
+from ``LOFIT_API_KEY`` and ``LOFIT_ADMIN_KEY``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from server.settings import Settings
+
+
+def engine_flags(rest: list[str]) -> dict:
+    """``["--enforce-eager", "--max-num-batched-tokens", "4096"]`` -> ``{"enforce_eager": True, ...}``, checked
+    against vLLM's engine arguments."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    known = {f.name for f in dataclasses.fields(AsyncEngineArgs)}
+    out, i = {}, 0
+    while i < len(rest):
+        token = rest[i]
+        if not token.startswith("--"):
+            raise SystemExit(f"lofit-serve: unexpected argument {token!r}")
+        key, _, inline = token[2:].partition("=")
+        key = key.replace("-", "_")
+        if key not in known:
+            raise SystemExit(f"lofit-serve: unknown flag --{key.replace('_', '-')} (neither lofit-serve's nor a "
+                             "vLLM engine argument)")
+        if inline:
+            value, i = inline, i + 1
+        elif i + 1 < len(rest) and not rest[i + 1].startswith("--"):
+            value, i = rest[i + 1], i + 2
+        else:
+            value, i = "true", i + 1
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def parse(argv: list[str] | None = None) -> Settings:
+    defaults = Settings()
+    parser = argparse.ArgumentParser(prog="lofit-serve", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, default=defaults.model)
+    parser.add_argument("--adapters-dir", type=Path, default=defaults.adapters_dir)
+    parser.add_argument("--host", default=defaults.host)
+    parser.add_argument("--port", type=int, default=defaults.port)
+    parser.add_argument("--api-key", default=os.environ.get("LOFIT_API_KEY"))
+    parser.add_argument("--admin-key", default=os.environ.get("LOFIT_ADMIN_KEY"))
+    parser.add_argument("--served-model-name")
+    parser.add_argument("--dtype", default=defaults.dtype)
+    parser.add_argument("--max-model-len", type=int, default=defaults.max_model_len)
+    parser.add_argument("--max-num-seqs", type=int, default=defaults.max_num_seqs)
+    parser.add_argument("--max-adapters", type=int, default=defaults.max_adapters)
+    parser.add_argument("--max-prompt-tokens", type=int)
+    parser.add_argument("--kv-cache-gib", type=float, help="CPU KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE)")
+    args, rest = parser.parse_known_args(argv)
+    if not (args.model / "config.json").is_file():
+        parser.exit(2, f"lofit-serve: {args.model} is not a model directory (no config.json); run "
+                       "scripts/setup.sh to prepare the default model\n")
+    if args.api_key is not None and args.api_key == args.admin_key:
+        parser.exit(2, "lofit-serve: --api-key and --admin-key must differ\n")
+    return Settings(model=args.model, adapters_dir=args.adapters_dir, host=args.host, port=args.port,
+                    api_key=args.api_key, admin_key=args.admin_key, served_model_name=args.served_model_name,
+                    dtype=args.dtype, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+                    max_adapters=args.max_adapters, max_prompt_tokens=args.max_prompt_tokens,
+                    kv_cache_gib=args.kv_cache_gib, engine_args=engine_flags(rest))
+
+
+def main(argv: list[str] | None = None) -> None:
+    import uvicorn
+
+    from server.app import create_app
+
+    settings = parse(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info",
+                timeout_graceful_shutdown=30)
+    if os.environ.get("LOFIT_SERVER_FAILED"):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,134 @@
+"""The server's view of the adapters: which names are loaded, their metadata, and loading them safely.
+
+Adapters live in folders under the adapters directory (one folder per adapter, folder name = adapter name).
+Loading goes through the engine (``collective_rpc``), which validates the adapter against the served model
+on every worker; a name's lock keeps concurrent loads and unloads of one name in order. Names are checked
+against a strict pattern and resolved paths must stay inside the adapters directory, so a name can never
+reach another file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from lofit.adapter import AdapterError, LofitAdapter, load_adapter
+from lofit.heads import BaseModelIdentity
+from lofit.vllm.salt import Combination
+from server.schemas import ADAPTER_NAME, AdapterInfo
+
+_NAME = re.compile(ADAPTER_NAME)
+
+
+class UnknownAdapter(KeyError):
+    """A request named an adapter that is not loaded."""
+
+
+class InvalidAdapter(ValueError):
+    """An adapter that cannot be loaded: a bad name, a missing folder, or a file that fails validation."""
+
+
+@dataclass
+class Record:
+    adapter: LofitAdapter
+    path: Path
+    loaded_at: str
+    requests_served: int = 0
+
+    def info(self) -> AdapterInfo:
+        a = self.adapter
+        return AdapterInfo(
+            name=a.name, task=a.task, base_model=a.base_model.name_or_path, num_heads=a.num_heads,
+            heads=[tuple(h) for h in a.heads.tolist()], content_sha256=a.content_sha256,
+            fingerprint=Combination.of({a.name: (a.content_sha256, 1.0)}).fingerprint,
+            metrics=a.metadata.get("metrics") or {}, created_at=a.metadata.get("created_at"),
+            loaded_at=self.loaded_at,
+            requests_served=self.requests_served)
+
+
+@dataclass
+class AdapterRegistry:
+    """Loaded adapters by name, kept in step with the engine's workers."""
+
+    directory: Path
+    base: BaseModelIdentity
+    engine: Any  # AsyncLLM (anything with ``async collective_rpc``)
+    max_adapters: int = 256
+    records: dict[str, Record] = field(default_factory=dict)
+    _locks: dict[str, asyncio.Lock] = field(default_factory=dict)
+
+    def path_for(self, name: str) -> Path:
+        """The folder of adapter ``name`` inside the adapters directory (refuses anything that leaves it)."""
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise InvalidAdapter(f"invalid adapter name {name!r}: use letters, digits, '.', '_' or '-' "
+                                 "(at most 64, starting with a letter or digit)")
+        root = self.directory.resolve()
+        path = (root / name).resolve()
+        if path.parent != root:
+            raise InvalidAdapter(f"adapter {name!r} resolves outside the adapters directory")
+        return path
+
+    def names_on_disk(self) -> list[str]:
+        if not self.directory.is_dir():
+            return []
+        return sorted(p.name for p in self.directory.iterdir()
+                      if _NAME.match(p.name) and (p / "adapter_config.json").is_file())
+
+    async def load(self, name: str) -> tuple[Record, bool]:
+        """Load (or reload) ``name`` from the adapters directory; returns the record and whether it changed."""
+        path = self.path_for(name)
+        if not path.is_dir():
+            raise InvalidAdapter(f"no adapter folder {name!r} in the adapters directory")
+        try:
+            adapter = load_adapter(path, expect_base=self.base)
+        except AdapterError as exc:
+            raise InvalidAdapter(str(exc)) from exc
+        if adapter.name != name:
+            raise InvalidAdapter(f"folder {name!r} holds an adapter named {adapter.name!r}; "
+                                 "the folder name must equal the adapter's name")
+        async with self._lock(name):
+            current = self.records.get(name)
+            if current is not None and current.adapter.content_sha256 == adapter.content_sha256:
+                return current, False
+            if current is None and len(self.records) >= self.max_adapters:
+                raise InvalidAdapter(f"{self.max_adapters} adapters are loaded, the server's limit "
+                                     "(--max-adapters); unload one first")
+            await self.engine.collective_rpc("lofit_load", args=(str(path),))
+            record = Record(adapter, path, datetime.now(UTC).isoformat(timespec="seconds"))
+            self.records[name] = record
+            return record, True
+
+    async def unload(self, name: str) -> bool:
+        """Forget ``name``; returns False when it was not loaded. Running requests finish with its content."""
+        self.path_for(name)
+        async with self._lock(name):
+            if name not in self.records:
+                return False
+            await self.engine.collective_rpc("lofit_unload", args=(name,))
+            del self.records[name]
+            return True
+
+    def resolve(self, weights: dict[str, float]) -> Combination:
+        """The combination a request asks for; raises :class:`UnknownAdapter` for names not loaded."""
+        unknown = sorted(set(weights) - set(self.records))
+        if unknown:
+            raise UnknownAdapter(f"adapter(s) not loaded: {', '.join(unknown)}; loaded: "
+                                 f"{', '.join(sorted(self.records)) or 'none'}")
+        return Combination.of({n: (self.records[n].adapter.content_sha256, w) for n, w in weights.items()})
+
+    def count(self, weights: dict[str, float]) -> None:
+        for name in weights:
+            if name in self.records:
+                self.records[name].requests_served += 1
+
+    def _lock(self, name: str) -> asyncio.Lock:
+        return self._locks.setdefault(name, asyncio.Lock())
+
+
+def now_ms() -> float:
+    return time.perf_counter() * 1000

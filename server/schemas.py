@@ -1,0 +1,215 @@
+"""Request and response bodies of every route (they make the OpenAPI schema)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+ADAPTER_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"  # also the folder name under --adapters-dir
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# -- sampling shared by every generation route -------------------------------------------------------------
+
+class Sampling(Strict):
+    max_tokens: int = Field(64, ge=1, le=32768, description="tokens to generate at most")
+    temperature: float = Field(1.0, ge=0.0, le=100.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0, le=100000, description="0 = no top-k cut")
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    stop: str | list[str] | None = Field(None, description="stop strings (at most 16)")
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, value: str | list[str] | None) -> list[str] | None:
+        stops = [value] if isinstance(value, str) else value
+        if stops is not None and (len(stops) > 16 or any(not s or len(s) > 256 for s in stops)):
+            raise ValueError("stop: at most 16 non-empty strings of at most 256 characters")
+        return stops
+
+
+# -- POST /generate ----------------------------------------------------------------------------------------
+
+class GenerateRequest(Sampling):
+    prompt: str | list[str] = Field(..., description="one prompt, or a list (one result each)")
+    adapter: str | None = Field(None, pattern=ADAPTER_NAME, description="a loaded adapter; null = base model")
+    adapter_scale: float = Field(1.0, ge=-100.0, le=100.0, description="strength of `adapter`")
+    adapters: dict[str, float] | None = Field(None, description="weighted sum of loaded adapters {name: weight}")
+    logprobs: int | None = Field(None, ge=0, le=20, description="log-probs of the top-N tokens at each step")
+    stream: bool = False
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, list) and not 1 <= len(value) <= 64:
+            raise ValueError("prompt: a list needs 1 to 64 prompts")
+        return value
+
+    @field_validator("adapters")
+    @classmethod
+    def _adapters(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        if value is not None:
+            import re
+
+            if not 1 <= len(value) <= 16:
+                raise ValueError("adapters: give 1 to 16 {name: weight} entries")
+            for name, weight in value.items():
+                if not re.match(ADAPTER_NAME, name):
+                    raise ValueError(f"adapters: invalid adapter name {name!r}")
+                if not -100.0 <= weight <= 100.0:
+                    raise ValueError(f"adapters: weight of {name!r} must be within [-100, 100]")
+        return value
+
+
+class AdapterUsed(BaseModel):
+    name: str | None = Field(description="the adapter, the mix as 'a*w+b*w', or null for the base model")
+    fingerprint: str | None = Field(description="content fingerprint of the combination (its prefix-cache key)")
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class TokenLogprob(BaseModel):
+    token_id: int
+    token: str
+    logprob: float
+    top: dict[str, float] = Field(description="top-N tokens at this step and their log-probs")
+
+
+class GenerateResult(BaseModel):
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+    usage: Usage
+    adapter: AdapterUsed
+    logprobs: list[TokenLogprob] | None = None
+
+
+class GenerateBatchResult(BaseModel):
+    results: list[GenerateResult]
+
+
+# -- adapters ----------------------------------------------------------------------------------------------
+
+class AdapterInfo(BaseModel):
+    name: str
+    task: str | None
+    base_model: str
+    num_heads: int
+    heads: list[tuple[int, int]]
+    content_sha256: str
+    fingerprint: str = Field(description="what requests with this adapter alone key the prefix cache by")
+    metrics: dict
+    created_at: str | None
+    loaded_at: str
+    requests_served: int
+
+
+class AdapterList(BaseModel):
+    adapters: list[AdapterInfo]
+    skipped: dict[str, str] = Field(default_factory=dict,
+                                    description="adapter folders that failed to load at start-up, with the reason")
+
+
+class LoadAdapterRequest(Strict):
+    name: str = Field(..., pattern=ADAPTER_NAME, description="folder name under the server's adapters directory")
+
+
+class LoadAdapterResult(BaseModel):
+    adapter: AdapterInfo
+    changed: bool = Field(description="false when the same content was already loaded under this name")
+    load_ms: float
+
+
+# -- OpenAI-compatible -------------------------------------------------------------------------------------
+
+class CompletionRequest(Sampling):
+    model: str
+    prompt: str | list[str]
+    max_tokens: int = Field(16, ge=1, le=32768)
+    n: Literal[1] = 1
+    stream: bool = False
+    logprobs: int | None = Field(None, ge=0, le=20)
+    user: str | None = None
+
+
+class ChatMessage(Strict):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class ChatCompletionRequest(Sampling):
+    model: str
+    messages: list[ChatMessage] = Field(..., min_length=1, max_length=256)
+    max_tokens: int | None = Field(None, ge=1, le=32768)
+    max_completion_tokens: int | None = Field(None, ge=1, le=32768)
+    n: Literal[1] = 1
+    stream: bool = False
+    user: str | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "lofit"
+    root: str
+    parent: str | None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    code: int
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: dict | None = None
+    finish_reason: str | None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    finish_reason: str | None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage

@@ -1,0 +1,38 @@
+"""Everything the server is started with (from ``lofit-serve`` flags or environment variables)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lofit.models import default_model_dir
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Settings:
+    model: Path = field(default_factory=default_model_dir)
+    adapters_dir: Path = REPO / "adapters"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None  # inference routes (Authorization: Bearer <key>)
+    admin_key: str | None = None  # adapter load/unload; without it those routes are refused
+    served_model_name: str | None = None  # the OpenAI ``model`` name of the base model (default: folder name)
+    dtype: str = "auto"
+    max_model_len: int = 2048
+    max_num_seqs: int = 64
+    max_adapters: int = 256  # adapters loaded at once
+    max_prompt_tokens: int | None = None  # default: max_model_len - 1
+    max_body_bytes: int = 1 << 20
+    max_upload_bytes: int = 64 << 20
+    kv_cache_gib: float | None = None  # CPU KV cache size (VLLM_CPU_KVCACHE_SPACE)
+    engine_args: dict = field(default_factory=dict)  # any other vLLM engine argument
+
+    @property
+    def base_name(self) -> str:
+        return self.served_model_name or Path(self.model).name
+
+    @property
+    def prompt_limit(self) -> int:
+        return self.max_prompt_tokens or self.max_model_len - 1
