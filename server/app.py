@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse
 from lofit.heads import identity_from_checkpoint
 from lofit.vllm.engine import AdmissionError
 from server import api_adapters, api_generate, api_openai, api_ops
-from server.engine import PromptTooLong, start_engine
+from server.engine import HTTP_REQUEST_ID, PromptTooLong, start_engine
 from server.metrics import Metrics
 from server.registry import AdapterRegistry, InvalidAdapter, UnknownAdapter
 from server.settings import Settings
@@ -156,7 +156,10 @@ def _install_errors(app: FastAPI) -> None:
 def _install_middleware(app: FastAPI, settings: Settings) -> None:
     @app.middleware("http")
     async def limits_and_logs(request: Request, call_next):
-        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        request_id = request.headers.get("x-request-id", "")
+        if not (0 < len(request_id) <= 64 and request_id.replace("-", "").replace("_", "").isalnum()):
+            request_id = uuid.uuid4().hex
+        HTTP_REQUEST_ID.set(request_id)
         started = time.perf_counter()
         limit = settings.max_upload_bytes * 2 + 65536 if request.method == "PUT" else settings.max_body_bytes
         length = request.headers.get("content-length")

@@ -13,6 +13,7 @@ import os
 import time
 import uuid
 from collections.abc import AsyncIterator
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +21,8 @@ from lofit.vllm.offline import lofit_engine_args
 from lofit.vllm.salt import Combination
 from server.registry import AdapterRegistry
 from server.settings import Settings
+
+HTTP_REQUEST_ID: ContextVar[str] = ContextVar("http_request_id", default="-")  # set per HTTP request
 
 
 class PromptTooLong(ValueError):
@@ -99,7 +102,7 @@ async def generate(state: Any, prompt_ids: list[int], params: Any, choice: Choic
     """Run one request in the engine, yielding ``RequestOutput`` objects; records metrics and usage."""
     from vllm.inputs import TokensPrompt
 
-    request_id = f"{route.strip('/').replace('/', '-')}-{uuid.uuid4().hex}"
+    request_id = f"{HTTP_REQUEST_ID.get()}-{uuid.uuid4().hex[:8]}"  # the HTTP request id, in vLLM's logs too
     started, first = time.perf_counter(), None
     metrics = state.metrics
     metrics.waiting.inc()

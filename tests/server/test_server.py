@@ -108,6 +108,8 @@ def test_start_up_loads_good_adapters_and_reports_the_broken_one(server, client)
 
 
 def test_generate_steers_per_request(client):
+    tagged = client.post("/generate", json={"prompt": PROMPT, "max_tokens": 2}, headers={"x-request-id": "trace-42"})
+    assert tagged.headers["x-request-id"] == "trace-42"
     plain, steered = generate(client), generate(client, adapter="truthfulqa")
     assert plain["adapter"] == {"name": None, "fingerprint": None}
     assert steered["adapter"]["name"] == "truthfulqa" and len(steered["adapter"]["fingerprint"]) == 32
