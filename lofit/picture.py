@@ -12,15 +12,18 @@ import torch  # noqa: E402
 
 
 def heads_png(scores: torch.Tensor | None, selected: list[tuple[int, int]], num_layers: int, num_heads: int,
-              title: str) -> bytes:
-    """PNG bytes; without scores (e.g. an adapter made without stage 1) only the selection is drawn."""
+              title: str, label: str = "stage-1 score ||A||₂") -> bytes:
+    """PNG bytes; without scores (e.g. an adapter made without stage 1) only the selection is drawn.
+
+    ``label`` names what the scores are (ITI draws probe accuracies).
+    """
     grid = torch.zeros(num_layers, num_heads) if scores is None else scores.detach().float().cpu()
     width = min(12.0, 2.5 + 0.45 * num_heads)
     height = min(14.0, 1.8 + 0.28 * num_layers)
     fig, ax = plt.subplots(figsize=(width, height), dpi=100)
     image = ax.imshow(grid.numpy(), aspect="auto", origin="lower", cmap="viridis", interpolation="nearest")
     if scores is not None:
-        fig.colorbar(image, ax=ax, label="stage-1 score ||A||₂")
+        fig.colorbar(image, ax=ax, label=label)
     if selected:
         layers, heads = zip(*selected, strict=True)
         ax.scatter(heads, layers, marker="s", s=60, facecolors="none", edgecolors="red", linewidths=1.5,

@@ -10,10 +10,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from lofit.eval.backends import prefix_continuation_logprobs
 from lofit.modes import eval_mode
 from lofit.tasks.truthfulqa import TruthfulQAItem
 
@@ -69,43 +68,9 @@ def mc_metrics(best: float, true_scores: list[float], false_scores: list[float])
     return mc1, p_true / (p_true + p_false)
 
 
-@torch.no_grad()
 def answer_logprobs(model, tokenizer, context: str, answers: list[str]) -> list[float]:
-    """Sum of log-probs of each answer's tokens after ``context + "\\nA:"``.
-
-    The shared prefix runs once; its KV cache is repeated for the batch of answers (right-padded, so no
-    attention mask is needed: no real token attends to a pad).
-    """
-    device = next(model.parameters()).device
-    prefix_ids = tokenizer(context + "\nA:", add_special_tokens=True)["input_ids"]
-    continuations = []
-    for answer in answers:
-        full = tokenizer(context + "\nA: " + answer, add_special_tokens=True)["input_ids"]
-        shared = 0
-        while shared < min(len(full), len(prefix_ids)) and full[shared] == prefix_ids[shared]:
-            shared += 1
-        if shared != len(prefix_ids):
-            raise ValueError("the tokenizer merges across the 'A:' boundary; cannot score this answer")
-        continuations.append(full[shared:])
-    prefix = model(input_ids=torch.tensor([prefix_ids], device=device), use_cache=True)
-    first = F.log_softmax(prefix.logits[0, -1].float(), dim=-1)
-    width = max(len(c) for c in continuations)
-    ids = torch.zeros(len(answers), width, dtype=torch.long, device=device)
-    for row, cont in enumerate(continuations):
-        ids[row, : len(cont)] = torch.tensor(cont)
-    cache = prefix.past_key_values
-    cache.batch_repeat_interleave(len(answers))
-    positions = torch.arange(len(prefix_ids), len(prefix_ids) + width, device=device).expand(len(answers), -1)
-    out = model(input_ids=ids, past_key_values=cache, position_ids=positions, use_cache=True)
-    logprobs = F.log_softmax(out.logits.float(), dim=-1)
-    scores = []
-    for row, cont in enumerate(continuations):
-        total = first[cont[0]].item()
-        if len(cont) > 1:
-            steps = torch.tensor(cont[1:], device=device)
-            total += logprobs[row, torch.arange(len(cont) - 1, device=device), steps].sum().item()
-        scores.append(total)
-    return scores
+    """Sum of log-probs of each answer's tokens after ``context + "\\nA:"`` (the prefix runs once)."""
+    return prefix_continuation_logprobs(model, tokenizer, context + "\nA:", [" " + a for a in answers])
 
 
 def score_item(model, tokenizer, item: TruthfulQAItem) -> MCResult:
@@ -126,3 +91,20 @@ def evaluate_mc(model, tokenizer, items: list[TruthfulQAItem], progress: bool = 
         results = [score_item(model, tokenizer, item) for item in tqdm(items, desc=desc, disable=not progress)]
     return {"mc1": sum(r.mc1 for r in results) / len(results),
             "mc2": sum(r.mc2 for r in results) / len(results), "questions": len(results)}
+
+
+def evaluate_truthfulqa(backend, items: list[TruthfulQAItem], adapter: str | None) -> dict:
+    """MC1/MC2 with any backend (:mod:`lofit.eval.backends`): same prompt, same scores as :func:`evaluate_mc`."""
+    requests, shapes = [], []
+    for item in items:
+        trues = [format_answer(a) for a in item.correct_answers]
+        falses = [format_answer(a) for a in item.incorrect_answers]
+        answers = [format_answer(item.best_answer), *trues, *falses]
+        requests.append((question_context(item.question) + "\nA:", [" " + a for a in answers]))
+        shapes.append(len(trues))
+    mc1s, mc2s = [], []
+    for scores, num_true in zip(backend.batch_continuation_logprobs(requests, adapter), shapes, strict=True):
+        mc1, mc2 = mc_metrics(scores[0], scores[1:1 + num_true], scores[1 + num_true:])
+        mc1s.append(mc1)
+        mc2s.append(mc2)
+    return {"mc1": sum(mc1s) / len(items), "mc2": sum(mc2s) / len(items), "items": len(items)}

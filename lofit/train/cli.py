@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="K as a percentage of all heads (3 and 10 in the paper)")
     p.add_argument("--heads-from", help="skip stage 1: take the head ranking recorded in this adapter directory "
                                         "(same base model), e.g. heads selected on another task")
+    p.add_argument("--random-heads", action="store_true", default=None,
+                   help="skip stage 1: tune offsets on K heads drawn uniformly at random with --seed "
+                        "(the localisation ablation)")
     p.add_argument("--fold", type=int, help="TruthfulQA fold (0 or 1) [0]")
     p.add_argument("--train-size", type=int, help="subsample the training set (CLUTRR default 300)")
     p.add_argument("--seed", type=int, help="seed for torch, numpy, random and data order [42]")

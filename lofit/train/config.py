@@ -37,6 +37,7 @@ class TrainConfig:
     heads: int | None = None
     heads_percent: float | None = None
     heads_from: str | None = None
+    random_heads: bool = False
     seed: int = 42
     epochs: int = 5
     epochs_a: int | None = None
@@ -75,6 +76,8 @@ class TrainConfig:
             raise ConfigError("--heads must be at least 1")
         if out.heads_percent is not None and not 0 < out.heads_percent <= 100:
             raise ConfigError("--heads-percent must be in (0, 100]")
+        if out.random_heads and out.heads_from:
+            raise ConfigError("--random-heads and --heads-from both choose the heads; give at most one")
         if out.dtype not in ("float32", "bfloat16"):
             raise ConfigError("--dtype must be float32 or bfloat16")
         for name in ("epochs_a", "epochs_v", "batch_size", "grad_accum", "max_prompt_len", "max_len"):

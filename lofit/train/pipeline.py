@@ -20,7 +20,7 @@ from lofit.tasks import TaskData, load_task
 from lofit.train.config import ConfigError, TrainConfig
 from lofit.train.data import encode_examples, pad_token_id
 from lofit.train.objective import Objective
-from lofit.train.stage1 import select_heads, selection_from_adapter
+from lofit.train.stage1 import random_selection, select_heads, selection_from_adapter
 from lofit.train.stage2 import tune_offsets
 
 
@@ -86,10 +86,13 @@ def train_adapter(config: TrainConfig) -> Path:
             raise ConfigError(f"--heads-from {cfg.heads_from} ranks only {len(selection.ranking)} heads; "
                               f"K = {k} needs more")
         reused = {"adapter": source.name, "task": source.task, "content_sha256": source.content_sha256}
+        how = "reused"
+    elif cfg.random_heads:
+        selection, reused, how = random_selection(hooks.layout, k, cfg.seed), None, "random"
     else:
         selection = select_heads(objective, hooks, train, val, lr=cfg.lr_a, l1=cfg.l1, epochs=cfg.epochs_a,
                                  **common)
-        reused = None
+        reused, how = None, "stage1"
     seed_everything(cfg.seed)  # stage 2 starts afresh, as the reference's second process does
     tuned = tune_offsets(objective, hooks, selection.top(k), train, val, lr=cfg.lr_v, epochs=cfg.epochs_v,
                          **common)
@@ -97,7 +100,7 @@ def train_adapter(config: TrainConfig) -> Path:
 
     heads = [tuple(h) for h in tuned.heads.tolist()]
     # Stage-1 scales are only meaningful when this run's stage 1 produced them.
-    scales = None if reused else selection.scales[tuned.heads[:, 0], tuned.heads[:, 1]]
+    scales = None if selection.scales is None else selection.scales[tuned.heads[:, 0], tuned.heads[:, 1]]
     name = cfg.name or Path(cfg.out).name
     metrics: dict[str, Any] = {
         "stage2_val_before": tuned.val_before.as_dict() if tuned.val_before else None,
@@ -110,6 +113,7 @@ def train_adapter(config: TrainConfig) -> Path:
         task=task.name,
         metadata={"hyperparameters": cfg.hyperparameters(), "data": task.identity(), "metrics": metrics,
                   "selection": {"k": k, "percent_of_heads": round(100 * k / hooks.layout.total_heads, 2),
+                                "head_selection": how, "seed": cfg.seed,
                                 "ranking": [list(h) for h in selection.ranking],
                                 "scores": None if selection.scores is None else
                                 [[round(float(x), 6) for x in row] for row in selection.scores],
@@ -129,7 +133,9 @@ def train_adapter(config: TrainConfig) -> Path:
         "metrics": metrics,
         "config": asdict(cfg),
     }
+    title = (f"{k} of {hooks.layout.total_heads} heads drawn at random (seed {cfg.seed})" if how == "random" else
+             f"top {k} of {hooks.layout.total_heads} heads by stage-1 ||A||")
     picture = heads_png(selection.scores, heads, hooks.layout.num_layers, hooks.layout.num_heads,
-                        f"{name} ({task.name}): top {k} of {hooks.layout.total_heads} heads by stage-1 ||A||")
+                        f"{name} ({task.name}): {title}")
     return adapter.save(cfg.out, extra_files={"heads.png": picture,
                                               REPORT_FILE: (json.dumps(report, indent=2) + "\n").encode()})

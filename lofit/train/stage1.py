@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 
 import torch
@@ -61,6 +62,13 @@ def select_heads(objective: Objective, hooks: LofitHooks, train: list[tuple[Enco
     learned = scales.detach().float().cpu()
     scores = learned.norm(dim=-1)
     return HeadSelection(scores=scores, scales=learned, ranking=rank_heads(scores), history=history)
+
+
+def random_selection(layout: HeadLayout, k: int, seed: int) -> HeadSelection:
+    """K distinct heads drawn uniformly at random (seeded); stage 1 is not run (the localisation ablation)."""
+    every = [(layer, head) for layer in range(layout.num_layers) for head in range(layout.num_heads)]
+    return HeadSelection(scores=None, scales=None, ranking=random.Random(seed).sample(every, k),
+                         history=StageHistory())
 
 
 def selection_from_adapter(adapter: LofitAdapter, layout: HeadLayout) -> HeadSelection:

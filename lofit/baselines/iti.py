@@ -1,0 +1,268 @@
+"""Inference-Time Intervention (ITI; Li et al., NeurIPS 2023) as a LoFiT-format adapter.
+
+For a frozen base model and a TruthfulQA fold (``lofit.tasks.truthfulqa``):
+
+1. **Activations.** Every train-split question gives one text per correct answer (label 1) and per incorrect
+   answer (label 0), exactly ``"Q: {question}\\nA: {answer}"`` (the answers as written in the fold CSV,
+   duplicates within a question dropped; the tokenizer adds BOS if it does). Each text runs once through the
+   model (batched, right padding + attention mask); each head's output at the **last real token** is recorded:
+   the input of ``o_proj`` split into ``[num_heads, head_dim]``.
+2. **Probes.** Per head, an L2-regularised logistic regression (standardised features, full-batch L-BFGS)
+   is trained on a seeded 80/20 split of the questions (all answers of a question on the same side) and
+   scored on the held-out 20 %. Heads are ranked by that accuracy (ties: lower ``(layer, head)`` first).
+3. **Directions.** Mass-mean shift ``θ = mean(true) - mean(false)`` over all train-split activations,
+   normalised; ``σ`` = standard deviation (population) of the activations projected on ``θ``.
+4. **Offsets.** For each of the top-K heads, ``α · σ · θ`` (``α = 15`` by default, ITI's value).
+
+One deliberate deviation: ITI edits only the last token at each generation step; as a LoFiT-format adapter
+served by this project the offset is added at **every position** (the LoFiT convention).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from lofit.adapter import LofitAdapter
+from lofit.heads import BaseModelIdentity, identity_from_checkpoint, layout_from_config, o_proj_modules
+from lofit.modes import eval_mode
+from lofit.picture import heads_png
+from lofit.tasks.base import file_identity
+from lofit.tasks.truthfulqa import TruthfulQAItem, fold_file, read_items
+from lofit.train.data import pad_token_id
+from lofit.train.stage1 import RANKING_KEPT, rank_heads
+
+TEXT_FORMAT = "Q: {question}\nA: {answer}"
+DEFAULT_ALPHA = 15.0
+VAL_FRACTION = 0.2
+PROBE_L2 = 1e-3
+PROBE_STEPS = 300
+
+
+class BaselineError(ValueError):
+    """Settings or data a baseline cannot be built from; the message says what to change."""
+
+
+@dataclass
+class LabelledTexts:
+    """One text per (question, answer); ``labels`` 1 = correct answer, ``groups`` = question index."""
+
+    texts: list[str]
+    labels: torch.Tensor
+    groups: torch.Tensor
+
+
+@dataclass
+class HeadProbes:
+    """Per head: held-out probe accuracy ``[L, H]``, unit direction ``θ`` ``[L, H, d]`` and ``σ`` ``[L, H]``."""
+
+    accuracy: torch.Tensor
+    directions: torch.Tensor
+    sigma: torch.Tensor
+
+
+def qa_texts(items: list[TruthfulQAItem]) -> LabelledTexts:
+    """``TEXT_FORMAT`` for every correct (label 1) and incorrect (label 0) answer of every item."""
+    texts, labels, groups = [], [], []
+    for index, item in enumerate(items):
+        for label, answers in ((1, item.correct_answers), (0, item.incorrect_answers)):
+            for answer in dict.fromkeys(answers):
+                texts.append(TEXT_FORMAT.format(question=item.question, answer=answer))
+                labels.append(label)
+                groups.append(index)
+    return LabelledTexts(texts, torch.tensor(labels, dtype=torch.int64), torch.tensor(groups, dtype=torch.int64))
+
+
+@torch.no_grad()
+def head_activations(model: torch.nn.Module, tokenizer, texts: list[str], batch_size: int = 32,
+                     progress: bool = False) -> torch.Tensor:
+    """Each head's output at the last real token of each text: float32 ``[N, layers, heads, head_dim]``."""
+    layout = layout_from_config(model.config)
+    device = next(model.parameters()).device
+    pad_id = pad_token_id(tokenizer)
+    captured: dict[int, torch.Tensor] = {}
+    last: torch.Tensor | None = None
+
+    def capture(layer: int, _module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        x = args[0]
+        rows = torch.arange(x.shape[0], device=x.device)
+        captured[layer] = x[rows, last].view(x.shape[0], layout.num_heads, layout.head_dim).float().cpu()
+
+    handles = [proj.register_forward_pre_hook(partial(capture, layer))
+               for layer, proj in enumerate(o_proj_modules(model))]
+    out = []
+    try:
+        with eval_mode(model):
+            for start in tqdm(range(0, len(texts), batch_size), desc="ITI activations", disable=not progress):
+                encoded = [tokenizer(text, add_special_tokens=True)["input_ids"] for text in
+                           texts[start:start + batch_size]]
+                width = max(len(ids) for ids in encoded)
+                ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
+                mask = torch.zeros((len(encoded), width), dtype=torch.long)
+                for row, seq in enumerate(encoded):
+                    ids[row, :len(seq)] = torch.tensor(seq)
+                    mask[row, :len(seq)] = 1
+                last = (mask.sum(dim=1) - 1).to(device)
+                captured.clear()
+                model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+                out.append(torch.stack([captured[layer] for layer in range(layout.num_layers)], dim=1))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return torch.cat(out)
+
+
+def split_questions(groups: torch.Tensor, seed: int, val_fraction: float = VAL_FRACTION) -> torch.Tensor:
+    """Boolean mask of the held-out rows: a seeded ``val_fraction`` of the questions, whole questions only."""
+    questions = torch.unique(groups)
+    if len(questions) < 2:
+        raise BaselineError("ITI needs at least 2 questions (the probes hold out 20 % of them)")
+    order = questions[torch.randperm(len(questions), generator=torch.Generator().manual_seed(seed))]
+    held_out = order[:max(1, round(val_fraction * len(questions)))]
+    return torch.isin(groups, held_out)
+
+
+def probe_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor,
+                   l2: float = PROBE_L2, steps: int = PROBE_STEPS) -> torch.Tensor:
+    """Held-out accuracy ``[G]`` of one logistic regression per group of features ``x[G, n, d]``.
+
+    Features are standardised with the training rows' statistics; the loss is mean binary cross-entropy
+    plus ``l2/2 · ||w||²`` per probe (the probes are independent, so their sum is minimised jointly).
+    """
+    mean, std = train_x.mean(dim=1, keepdim=True), train_x.std(dim=1, keepdim=True).clamp_min(1e-6)
+    train_x, val_x = (train_x - mean) / std, (val_x - mean) / std
+    target = train_y.to(train_x.dtype).expand(train_x.shape[0], -1)
+    weight = torch.zeros(train_x.shape[0], train_x.shape[2], dtype=train_x.dtype, requires_grad=True)
+    bias = torch.zeros(train_x.shape[0], 1, dtype=train_x.dtype, requires_grad=True)
+    optimizer = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=steps, tolerance_grad=1e-9,
+                                  tolerance_change=1e-12, history_size=20, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        logits = torch.einsum("gnd,gd->gn", train_x, weight) + bias
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, target, reduction="none").mean(1)
+        total = (loss + 0.5 * l2 * weight.pow(2).sum(1)).sum()
+        total.backward()
+        return total
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+    with torch.no_grad():
+        predicted = (torch.einsum("gnd,gd->gn", val_x, weight) + bias) > 0
+        return (predicted == val_y.bool()).float().mean(dim=1)
+
+
+def fit_heads(activations: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor, seed: int,
+              l2: float = PROBE_L2, steps: int = PROBE_STEPS) -> HeadProbes:
+    """Probe accuracy, mass-mean direction and its standard deviation for every head.
+
+    ``activations``: ``[N, L, H, d]``; ``labels``: ``[N]`` (1 true, 0 false); ``groups``: ``[N]`` question ids.
+    """
+    if not ((labels == 1).any() and (labels == 0).any()):
+        raise BaselineError("ITI needs both correct and incorrect answers")
+    n, num_layers, num_heads, head_dim = activations.shape
+    x = activations.float().reshape(n, num_layers * num_heads, head_dim).transpose(0, 1)  # [G, N, d]
+    held_out = split_questions(groups, seed)
+    accuracy = probe_accuracy(x[:, ~held_out], labels[~held_out], x[:, held_out], labels[held_out], l2, steps)
+    shift = x[:, labels == 1].mean(dim=1) - x[:, labels == 0].mean(dim=1)
+    directions = shift / shift.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    sigma = torch.einsum("gnd,gd->gn", x, directions).std(dim=1, unbiased=False)
+    return HeadProbes(accuracy=accuracy.float().reshape(num_layers, num_heads),
+                      directions=directions.float().reshape(num_layers, num_heads, head_dim),
+                      sigma=sigma.float().reshape(num_layers, num_heads))
+
+
+def iti_offsets(probes: HeadProbes, heads: list[tuple[int, int]], alpha: float) -> torch.Tensor:
+    """``α · σ · θ`` for each of ``heads``: float32 ``[K, head_dim]``."""
+    index = torch.tensor(heads, dtype=torch.int64).reshape(-1, 2)
+    sigma = probes.sigma[index[:, 0], index[:, 1]]
+    return (alpha * sigma[:, None] * probes.directions[index[:, 0], index[:, 1]]).float()
+
+
+def check_heads_setting(heads: int | None, heads_percent: float | None) -> None:
+    """Exactly one of ``--heads K`` / ``--heads-percent P``, in range (checked before the model is loaded)."""
+    if (heads is None) == (heads_percent is None):
+        raise BaselineError("give exactly one of --heads K or --heads-percent P")
+    if heads is not None and heads < 1:
+        raise BaselineError("--heads must be at least 1")
+    if heads_percent is not None and not 0 < heads_percent <= 100:
+        raise BaselineError("--heads-percent must be in (0, 100]")
+
+
+def choose_k(total_heads: int, heads: int | None, heads_percent: float | None) -> int:
+    """K from ``--heads`` or ``round(total * percent / 100)`` (at least 1), as ``lofit-train`` computes it."""
+    check_heads_setting(heads, heads_percent)
+    k = heads if heads is not None else round(total_heads * heads_percent / 100)
+    if k > total_heads:
+        raise BaselineError(f"--heads {k} exceeds the model's {total_heads} heads")
+    return max(1, k)
+
+
+def build_iti_adapter(probes: HeadProbes, k: int, alpha: float, identity: BaseModelIdentity, name: str,
+                      metadata: dict[str, Any]) -> LofitAdapter:
+    """The top-``k`` heads by probe accuracy with offsets ``α · σ · θ``, in the LoFiT adapter format."""
+    ranking = rank_heads(probes.accuracy, keep=min(RANKING_KEPT, probes.accuracy.numel()))
+    heads = sorted(ranking[:k])
+    key = "{},{}".format
+    selection = {"k": k, "percent_of_heads": round(100 * k / probes.accuracy.numel(), 2),
+                 "head_selection": "iti-probe-accuracy", "ranking": [list(h) for h in ranking],
+                 "scores": [[round(float(a), 6) for a in row] for row in probes.accuracy]}
+    return LofitAdapter(
+        heads=torch.tensor(heads, dtype=torch.int64), offsets=iti_offsets(probes, heads, alpha),
+        base_model=identity, name=name, task="truthfulqa",
+        metadata={"method": "iti", "alpha": alpha, "num_heads_selected": k,
+                  "probe_accuracy": {key(*h): round(float(probes.accuracy[h]), 6) for h in heads},
+                  "activation_std": {key(*h): round(float(probes.sigma[h]), 6) for h in heads},
+                  "selection": selection, **metadata})
+
+
+def make_iti_adapter(model_dir: str, out: str, *, fold: int = 0, heads: int | None = None,
+                     heads_percent: float | None = None, alpha: float = DEFAULT_ALPHA, seed: int = 42,
+                     limit: int | None = None, name: str | None = None, batch_size: int = 32,
+                     dtype: str = "float32", device: str = "cpu", progress: bool = True) -> Path:
+    """The whole ``lofit-baseline iti`` run: activations, probes, directions; writes the adapter to ``out``."""
+    from lofit.train.pipeline import load_model, seed_everything
+
+    check_heads_setting(heads, heads_percent)
+    if not math.isfinite(alpha) or alpha <= 0:
+        raise BaselineError("--alpha must be a positive number")
+    if limit is not None and limit < 2:
+        raise BaselineError("--limit must be at least 2 (the probes hold out 20 % of the questions)")
+    if batch_size < 1:
+        raise BaselineError("--batch-size must be at least 1")
+    started = time.perf_counter()
+    path = fold_file(fold, "train")
+    all_items = read_items(path)
+    items = all_items[:limit]
+    seed_everything(seed)
+    tokenizer, model = load_model(model_dir, dtype, device)
+    identity = identity_from_checkpoint(model_dir, name=Path(model_dir).resolve().name)
+    layout = layout_from_config(model.config)
+    k = choose_k(layout.total_heads, heads, heads_percent)
+    labelled = qa_texts(items)
+    activations = head_activations(model, tokenizer, labelled.texts, batch_size, progress)
+    captured = time.perf_counter()
+    probes = fit_heads(activations, labelled.labels, labelled.groups, seed)
+    name = name or Path(out).name
+    data = {"task": "truthfulqa", "fold": fold, "split": "train", "questions": len(items),
+            "texts": len(labelled.texts), "true_texts": int(labelled.labels.sum()),
+            "false_texts": int((labelled.labels == 0).sum()), "text_format": TEXT_FORMAT,
+            "files": [file_identity(path, len(all_items))]}
+    hyperparameters = {"method": "iti", "fold": fold, "alpha": alpha, "seed": seed, "heads": heads,
+                       "heads_percent": heads_percent, "limit": limit, "val_fraction": VAL_FRACTION,
+                       "probe_l2": PROBE_L2, "probe_steps": PROBE_STEPS, "batch_size": batch_size, "dtype": dtype}
+    timings = {"activations": round(captured - started, 3), "probes": round(time.perf_counter() - captured, 3)}
+    adapter = build_iti_adapter(probes, k, alpha, identity, name,
+                                {"fold": fold, "data": data, "hyperparameters": hyperparameters,
+                                 "timings_seconds": timings})
+    picture = heads_png(probes.accuracy, adapter.head_list(), layout.num_layers, layout.num_heads,
+                        f"{name} (ITI, fold {fold}): top {k} of {layout.total_heads} heads by probe accuracy",
+                        label="held-out probe accuracy")
+    return adapter.save(out, extra_files={"heads.png": picture})

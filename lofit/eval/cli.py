@@ -1,0 +1,168 @@
+"""``lofit-eval``: score the base model and adapters on a task, on vLLM (fast) or the transformers path.
+
+    lofit-eval --model DIR --task NAME [--adapter DIR ...] [--split NAME] [--limit N] --out FILE.json
+               [--backend auto|vllm|transformers] [--fold 0|1|both] [--data PATH] [--no-base] [--seed 0]
+               [--dtype float32] [--max-model-len 1024]
+
+Tasks: truthfulqa (MC1/MC2, ITI/LoFiT protocol), mquake and clutrr (exact match), arc, boolq, winogrande,
+siqa (multiple choice by log-likelihood), gsm8k (generation + answer extraction). For TruthfulQA the base
+model is scored on the test split of each fold (``--fold both``: the 2-fold protocol) and each adapter on
+the test split of the fold it was trained on (from its ``adapter_config.json``). Writes JSON and a
+markdown table next to it (``FILE.md``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from lofit.adapter import AdapterError, load_adapter
+from lofit.tasks.base import TaskError
+
+TASKS = ("truthfulqa", "mquake", "clutrr", "arc", "boolq", "winogrande", "siqa", "gsm8k")
+LIKELIHOOD_TASKS = ("truthfulqa", "arc", "boolq", "winogrande", "siqa")
+METRIC = {"truthfulqa": "mc1", "mquake": "exact_match", "clutrr": "exact_match", "gsm8k": "exact_match"}
+
+
+def adapter_fold(path: Path) -> int | None:
+    config = json.loads((path / "adapter_config.json").read_text())
+    fold = (config.get("hyperparameters") or {}).get("fold")
+    return fold if config.get("task") == "truthfulqa" and fold in (0, 1) else None
+
+
+def make_backend(args: argparse.Namespace):
+    from lofit.eval.backends import TransformersBackend, VllmBackend
+
+    if args.backend == "auto":
+        args.backend = "transformers" if args.task in LIKELIHOOD_TASKS else "vllm"
+    if args.backend == "transformers":
+        import torch
+
+        return TransformersBackend(args.model, dtype=getattr(torch, args.dtype))
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    extra: dict[str, Any] = {"dtype": args.dtype, "max_model_len": args.max_model_len, "seed": args.seed}
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu():
+        extra["gpu_memory_utilization"] = 0.1
+    return VllmBackend(args.model, **extra)
+
+
+def load_items(args: argparse.Namespace, fold: int | None) -> tuple[str, list]:
+    """The split name and items to score (loaded before any model, so missing data fails fast)."""
+    from lofit.eval.choice import CHOICE_TASKS, load_choice_items
+    from lofit.eval.exact_match import load_generation_items
+    from lofit.tasks.truthfulqa import fold_file, read_items
+
+    split = args.split or "test"
+    if args.task == "truthfulqa":
+        return f"fold_{fold}_{split}", read_items(fold_file(fold, split, args.data))[: args.limit]
+    if args.task in CHOICE_TASKS:
+        return split, load_choice_items(args.task, args.data, args.limit, args.seed)
+    return split, load_generation_items(args.task, args.data, split, args.limit, args.seed)
+
+
+def score(task: str, backend, items: list, adapter: str | None) -> dict:
+    from lofit.eval.choice import CHOICE_TASKS, evaluate_choice
+    from lofit.eval.exact_match import evaluate_generation
+    from lofit.eval.truthfulqa import evaluate_truthfulqa
+
+    if task == "truthfulqa":
+        return evaluate_truthfulqa(backend, items, adapter)
+    if task in CHOICE_TASKS:
+        return evaluate_choice(backend, items, adapter)
+    return evaluate_generation(backend, task, items, adapter)
+
+
+def markdown(report: dict) -> str:
+    metric = METRIC.get(report["task"], "accuracy")
+    extra = " | MC2" if report["task"] == "truthfulqa" else ""
+    lines = [f"| model | split | {metric}{extra} | items |", "|---|---|---|---|" + ("---|" if extra else "")]
+    for row in report["results"]:
+        value = f"{100 * row[metric]:.1f}" + (f" | {100 * row['mc2']:.1f}" if extra else "")
+        lines.append(f"| {row['label']} | {row['split']} | {value} | {row['items']} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="lofit-eval", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, required=True)
+    parser.add_argument("--task", required=True, choices=TASKS)
+    parser.add_argument("--adapter", type=Path, action="append", default=[], help="an adapter directory (repeat)")
+    parser.add_argument("--split", help="data split (default: test)")
+    parser.add_argument("--limit", type=int, help="score only N items (a seeded sample for the shuffled tasks)")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--backend", choices=("auto", "vllm", "transformers"), default="auto",
+                        help="auto: vLLM for generation tasks, the transformers cached-prefix scorer for "
+                             "log-likelihood tasks (vLLM reads no prefix cache when it returns prompt log-probs)")
+    parser.add_argument("--fold", choices=("0", "1", "both"), default="both", help="TruthfulQA fold(s)")
+    parser.add_argument("--data", type=Path, help="data file or folder (required for clutrr and siqa)")
+    parser.add_argument("--no-base", action="store_true", help="do not score the base model")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--max-model-len", type=int, default=1024)
+    args = parser.parse_args(argv)
+
+    def fail(message: str) -> None:
+        print(f"lofit-eval: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+    if not (args.model / "config.json").is_file():
+        fail(f"{args.model} is not a model directory (no config.json)")
+    if args.limit is not None and args.limit < 1:
+        fail("--limit must be at least 1")
+    if args.no_base and not args.adapter:
+        fail("--no-base needs at least one --adapter")
+    adapters = []
+    for path in args.adapter:
+        try:
+            adapters.append((path, load_adapter(path)))
+        except AdapterError as exc:
+            fail(str(exc))
+    folds = [0, 1] if args.fold == "both" else [int(args.fold)]
+    jobs: list[tuple[str, Path | None, int | None]] = []  # (label, adapter path, fold)
+    if not args.no_base:
+        jobs += [("base", None, fold) for fold in (folds if args.task == "truthfulqa" else [None])]
+    for path, adapter in adapters:
+        fold = None
+        if args.task == "truthfulqa":
+            fold = adapter_fold(path) if args.fold == "both" else int(args.fold)
+            if fold is None:
+                fail(f"{path}: cannot tell which TruthfulQA fold it was trained on; pass --fold 0 or 1")
+        jobs.append((adapter.name, path, fold))
+
+    started = time.time()
+    try:
+        data = {fold: load_items(args, fold) for fold in {fold for _, _, fold in jobs}}
+        backend = make_backend(args)
+        results = []
+        for label, path, fold in jobs:
+            name = backend.load(path) if path is not None else None
+            t0 = time.time()
+            split, items = data[fold]
+            row = {"split": split, **score(args.task, backend, items, name)}
+            results.append({"label": label, "adapter": None if path is None else str(path), "fold": fold,
+                            **row, "seconds": round(time.time() - t0, 1)})
+            metric = METRIC.get(args.task, "accuracy")
+            print(f"[eval] {args.task} {label} {row['split']}: {metric} {100 * row[metric]:.1f} "
+                  f"({row['items']} items)", file=sys.stderr, flush=True)
+    except (TaskError, AdapterError, FileNotFoundError) as exc:
+        fail(str(exc))
+    report = {"task": args.task, "model": str(args.model), "backend": args.backend, "limit": args.limit,
+              "seed": args.seed, "dtype": args.dtype, "results": results,
+              "seconds": round(time.time() - started, 1), "machine": platform.platform()}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    args.out.with_suffix(".md").write_text(markdown(report))
+    print(markdown(report))
+
+
+if __name__ == "__main__":
+    main()

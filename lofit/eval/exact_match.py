@@ -1,0 +1,97 @@
+"""Generation tasks scored by exact match, with the reference's string handling (``lofit-method.md`` §9.3).
+
+Greedy decoding, 16 new tokens; the prompt is the training prompt. The prediction is read from the decoded
+prompt + completion exactly as the LoFiT code reads it, so numbers are comparable:
+
+* MQuAKE: the text after the **last** ``"A:"``, up to the first newline, lower-cased, **not** stripped;
+  correct iff it is the new answer or one of its aliases (lower-cased).
+* CLUTRR: the text after the first ``"'s\\n"``, up to the first ``"."``, stripped and lower-cased; correct iff
+  it equals the target.
+* GSM8K: the last number in the completion (commas removed), compared with the number after ``####``.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from pathlib import Path
+from typing import Any
+
+from lofit.tasks import clutrr, mquake
+from lofit.tasks.base import PACKAGE_DATA, TaskError, require_file
+
+NEW_TOKENS = 16
+GSM8K_PROMPT = "Question: {question}\nAnswer: Let's think step by step."
+GSM8K_NEW_TOKENS = 256
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def mquake_prediction(decoded: str) -> str:
+    return decoded.split("A:")[-1].split("\n")[0].lower()
+
+
+def mquake_correct(decoded: str, case: dict[str, Any]) -> bool:
+    gold = {case["new_answer"].lower(), *(a.lower() for a in case.get("new_answer_alias", []))}
+    return mquake_prediction(decoded) in gold
+
+
+def clutrr_prediction(decoded: str) -> str:
+    if "'s\n" not in decoded:
+        return ""
+    return decoded.split("'s\n", 1)[1].split(".")[0].strip().lower()
+
+
+def clutrr_correct(decoded: str, item: dict[str, Any]) -> bool:
+    return clutrr_prediction(decoded) == item["target_text"].lower()
+
+
+def gsm8k_number(text: str) -> str | None:
+    """The last number in ``text``, without thousands separators or a trailing ``.0``."""
+    text = text.split("Question:")[0]
+    numbers = _NUMBER.findall(text)
+    if not numbers:
+        return None
+    number = numbers[-1].replace(",", "")
+    return number[:-2] if number.endswith(".0") else number
+
+
+def gsm8k_gold(answer: str) -> str:
+    return answer.split("####")[-1].strip().replace(",", "")
+
+
+def _sample(items: list, limit: int | None, seed: int) -> list:
+    return items if limit is None or limit >= len(items) else random.Random(seed).sample(items, limit)
+
+
+def load_generation_items(task: str, data: str | Path | None = None, split: str = "test",
+                          limit: int | None = None, seed: int = 0) -> list[dict[str, Any]]:
+    if task == "mquake":
+        root = Path(data) if data else PACKAGE_DATA / "mquake"
+        items = mquake.read_cases(require_file(root / f"{split}.jsonl"))
+    elif task == "clutrr":
+        if data is None:
+            raise TaskError(clutrr.NO_DATA)
+        items = clutrr.read_items(require_file(Path(data) / f"{split}.json", clutrr.NO_DATA))
+    elif task == "gsm8k":
+        path = Path(data) if data else PACKAGE_DATA / "gsm8k" / "test.jsonl"
+        path = path / "test.jsonl" if path.is_dir() else path
+        items = [json.loads(line) for line in require_file(path).read_text().splitlines() if line.strip()]
+    else:
+        raise TaskError(f"unknown generation task {task!r}")
+    return _sample(items, limit, seed)
+
+
+def evaluate_generation(backend, task: str, items: list[dict[str, Any]], adapter: str | None) -> dict:
+    if task == "gsm8k":
+        prompts = [GSM8K_PROMPT.format(question=item["question"]) for item in items]
+        completions = backend.greedy(prompts, GSM8K_NEW_TOKENS, adapter)
+        correct = [gsm8k_number(c) == gsm8k_gold(item["answer"]) for c, item in zip(completions, items, strict=True)]
+    else:
+        prompt_of = mquake.prompt_of if task == "mquake" else clutrr.prompt_of
+        check = mquake_correct if task == "mquake" else clutrr_correct
+        prompts = [prompt_of(item) for item in items]
+        completions = backend.greedy(prompts, NEW_TOKENS, adapter)
+        correct = [check(p + c, item) for p, c, item in zip(prompts, completions, items, strict=True)]
+    return {"exact_match": sum(correct) / len(items), "items": len(items),
+            "predictions": [c[:200] for c in completions]}

@@ -1,0 +1,143 @@
+"""lofit-eval's scoring rules, prompts and answer extraction, on hand-made cases and the real tiny model."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from lofit.eval.backends import TransformersBackend, split_continuation
+from lofit.eval.choice import (
+    PROMPT,
+    ChoiceItem,
+    answers_instruction,
+    boolq_instruction,
+    choice_accuracy,
+    load_choice_items,
+)
+from lofit.eval.exact_match import (
+    clutrr_correct,
+    clutrr_prediction,
+    gsm8k_gold,
+    gsm8k_number,
+    mquake_correct,
+    mquake_prediction,
+)
+from lofit.eval.truthfulqa import answer_logprobs, evaluate_truthfulqa, format_answer, question_context
+from lofit.tasks.truthfulqa import TruthfulQAItem
+
+
+def test_mquake_reads_after_the_last_answer_marker_and_does_not_strip():
+    case = {"new_answer": "Sweden", "new_answer_alias": ["SE", "Sverige"]}
+    prompt = "Q: Imagine that X is a citizen of Sweden. Which country is Y a citizen of? A:"
+    assert mquake_prediction(prompt + "Sweden\nQ: next A: no") == " no"
+    assert mquake_correct(prompt + "Sweden\nQ: more", case)
+    assert mquake_correct(prompt + "sverige\n", case)
+    assert not mquake_correct(prompt + " Sweden\n", case), "a leading space makes it wrong, as in the reference"
+
+
+def test_clutrr_reads_the_relation_after_the_template():
+    decoded = "... Answer:  Roy is Cleo 's\n Grandson. Then more."
+    assert clutrr_prediction(decoded) == "grandson"
+    assert clutrr_correct(decoded, {"target_text": "grandson"})
+    assert not clutrr_correct("no template here", {"target_text": "grandson"})
+
+
+@pytest.mark.parametrize(("text", "number"), [
+    ("She makes 9 * 2 = $18 every day. The answer is 18.", "18"),
+    ("It costs 1,200 dollars.\nQuestion: next one 5", "1200"),
+    ("The result is -3.0", "-3"),
+    ("no digits", None),
+])
+def test_gsm8k_takes_the_last_number_of_the_answer(text, number):
+    assert gsm8k_number(text) == number
+
+
+def test_gsm8k_gold_is_after_the_marker():
+    assert gsm8k_gold("Janet sells 9 eggs.\n#### 1,018") == "1018"
+
+
+def test_choice_prompts_follow_the_training_format():
+    assert answers_instruction("Which is hot?", ["ice", "fire"]) == (
+        "Please choose the correct answer to the question: Which is hot?\n\nAnswer1: ice Answer2: fire\n\n"
+        "Answer format: answer1/answer2")
+    assert boolq_instruction("is water wet") == ("Please answer the following question with true or false, "
+                                                  "question: is water wet?\n\nAnswer format: true/false")
+    item = ChoiceItem("Do it.", ("true", "false"), "true")
+    assert item.prompt == PROMPT.format(instruction="Do it.") and item.prompt.endswith("### Response:\n")
+    assert item.responses() == ["the correct answer is true", "the correct answer is false"]
+
+
+def test_choice_accuracy_picks_the_highest_score():
+    items = [ChoiceItem("a", ("answer1", "answer2", "answer3"), "answer2"), ChoiceItem("b", ("true", "false"), "true")]
+    accuracy, predictions = choice_accuracy([[-3.0, -1.0, -2.0], [-2.0, -0.5]], items)
+    assert predictions == ["answer2", "false"] and accuracy == 0.5
+
+
+@pytest.mark.parametrize(("task", "count", "labels"), [("arc", 1172, 4), ("boolq", 3270, 2), ("winogrande", 1267, 2)])
+def test_shipped_choice_data_loads(task, count, labels):
+    items = load_choice_items(task)
+    assert len(items) == count
+    assert all(item.answer in item.labels for item in items)
+    assert max(len(item.labels) for item in items) >= labels
+    assert len(load_choice_items(task, limit=10, seed=1)) == 10
+
+
+class FixedScores:
+    """A backend boundary stand-in: returns given scores, records what it was asked."""
+
+    def __init__(self, scores):
+        self.scores, self.requests = scores, None
+
+    def batch_continuation_logprobs(self, requests, adapter):
+        self.requests = requests
+        return self.scores
+
+
+def test_truthfulqa_scores_the_reference_continuations():
+    item = TruthfulQAItem(question="Can pigs fly?", best_answer="No", correct_answers=["No", "They cannot"],
+                          incorrect_answers=["Yes"])
+    backend = FixedScores([[-1.0, -1.0, -2.0, -3.0]])
+    result = evaluate_truthfulqa(backend, [item], adapter=None)
+    [(prefix, continuations)] = backend.requests
+    assert prefix == question_context("Can pigs fly?") + "\nA:"
+    assert continuations == [" No.", " No.", " They cannot.", " Yes."]
+    assert result["mc1"] == 1.0
+    assert result["mc2"] == pytest.approx((2.718281828 ** -1 + 2.718281828 ** -2)
+                                          / (2.718281828 ** -1 + 2.718281828 ** -2 + 2.718281828 ** -3))
+
+
+def test_transformers_backend_equals_the_validated_scorer(stories_dir, stories_model, stories_tokenizer):
+    backend = TransformersBackend(stories_dir)
+    context = question_context("Once upon a time, who was there?")
+    answers = [format_answer(a) for a in ["A little girl", "A dog named Max", "Nobody"]]
+    expected = answer_logprobs(stories_model, stories_tokenizer, context, answers)
+    [got] = backend.batch_continuation_logprobs([(context + "\nA:", [" " + a for a in answers])], None)
+    assert got == pytest.approx(expected, abs=1e-4)
+    prefix_ids, cont_ids = split_continuation(stories_tokenizer, "Lily went", " home")
+    assert prefix_ids + cont_ids == stories_tokenizer("Lily went home")["input_ids"]
+
+
+def test_lofit_eval_cli_writes_json_and_markdown(stories_dir, tmp_path):
+    out = tmp_path / "arc.json"
+    run = subprocess.run([sys.executable, "-m", "lofit.eval.cli", "--model", str(stories_dir), "--task", "arc",
+                          "--limit", "3", "--backend", "transformers", "--out", str(out)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    report = json.loads(out.read_text())
+    [row] = report["results"]
+    assert row["label"] == "base" and row["items"] == 3 and 0.0 <= row["accuracy"] <= 1.0
+    assert len(row["predictions"]) == 3
+    assert "| base | test |" in out.with_suffix(".md").read_text()
+
+
+@pytest.mark.parametrize("extra", [["--no-base"], ["--limit", "0"], ["--task", "siqa"]])
+def test_lofit_eval_cli_refuses_bad_input(stories_dir, tmp_path, extra):
+    args = ["--model", str(stories_dir), "--task", "arc", "--backend", "transformers", "--out",
+            str(tmp_path / "x.json"), *extra]
+    run = subprocess.run([sys.executable, "-m", "lofit.eval.cli", *args], capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 2 and run.stderr.startswith("lofit-eval: ")
+    assert not (tmp_path / "x.json").exists()
