@@ -15,10 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lofit.tasks.base import PACKAGE_DATA, TaskError, require_file
-
-PROMPT = ("Below is an instruction that describes a task. Write a response that appropriately completes the "
-          "request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
-RESPONSE = "the correct answer is {label}"
+from lofit.tasks.instruct import PROMPT, RESPONSE
 
 
 @dataclass(frozen=True)

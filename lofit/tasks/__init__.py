@@ -6,11 +6,12 @@ from pathlib import Path
 
 from lofit.tasks.base import PreferencePair, SFTExample, TaskData, TaskError
 from lofit.tasks.clutrr import load_clutrr
+from lofit.tasks.instruct import load_instruct
 from lofit.tasks.jsonl import load_dpo_jsonl, load_sft_jsonl
 from lofit.tasks.mquake import load_mquake
 from lofit.tasks.truthfulqa import load_truthfulqa
 
-TASKS = ("truthfulqa", "mquake", "clutrr", "sft-jsonl", "dpo-jsonl")
+TASKS = ("truthfulqa", "mquake", "clutrr", "arc", "boolq", "sft-jsonl", "dpo-jsonl")
 
 __all__ = ["TASKS", "PreferencePair", "SFTExample", "TaskData", "TaskError", "load_task"]
 
@@ -24,6 +25,8 @@ def load_task(name: str, data: str | Path | None = None, val_data: str | Path | 
         return load_mquake(data_dir=data)
     if name == "clutrr":
         return load_clutrr(data_dir=data, train_size=300 if train_size is None else train_size, seed=seed)
+    if name in ("arc", "boolq"):
+        return load_instruct(name, data, train_size, seed)
     if name == "sft-jsonl":
         return load_sft_jsonl(data, val_data)
     if name == "dpo-jsonl":

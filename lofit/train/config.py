@@ -13,6 +13,8 @@ TASK_DEFAULTS: dict[str, dict[str, float]] = {
     "truthfulqa": {"lr_a": 5e-3, "l1": 5e-4, "lr_v": 1e-2},
     "mquake": {"lr_a": 5e-3, "l1": 1e-3, "lr_v": 1e-2},
     "clutrr": {"lr_a": 5e-4, "l1": 5e-3, "lr_v": 1e-2},
+    "arc": {"lr_a": 5e-3, "l1": 1e-3, "lr_v": 1e-2},  # not in the paper's scripts: MQuAKE's SFT settings
+    "boolq": {"lr_a": 5e-3, "l1": 1e-3, "lr_v": 1e-2},
     "sft-jsonl": {"lr_a": 5e-3, "l1": 1e-3, "lr_v": 1e-2},
     "dpo-jsonl": {"lr_a": 5e-3, "l1": 5e-4, "lr_v": 1e-2},
 }

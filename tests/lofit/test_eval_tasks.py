@@ -141,3 +141,19 @@ def test_lofit_eval_cli_refuses_bad_input(stories_dir, tmp_path, extra):
                          timeout=300)
     assert run.returncode == 2 and run.stderr.startswith("lofit-eval: ")
     assert not (tmp_path / "x.json").exists()
+
+
+def test_instruction_training_data_uses_the_prompt_the_evaluation_scores():
+    from lofit.tasks import load_task
+
+    arc = load_task("arc")
+    assert len(arc.val) == 111 and len(arc.train) == 1119 - 111
+    example = arc.train[0]
+    assert example.prompt.startswith(PROMPT.split("{instruction}")[0]) and example.prompt.endswith("### Response:\n")
+    assert example.completion.startswith("the correct answer is answer")
+    boolq = load_task("boolq")
+    assert len(boolq.train) == 1000 and len(boolq.val) == 200
+    # the evaluation's own instruction for an ARC test item has the training file's shape
+    item = load_choice_items("arc", limit=1)[0]
+    assert item.instruction.startswith("Please choose the correct answer to the question: ")
+    assert item.instruction.endswith("Answer format: " + "/".join(item.labels))
