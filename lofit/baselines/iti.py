@@ -1,14 +1,28 @@
 """Inference-Time Intervention (ITI; Li et al., NeurIPS 2023) as a LoFiT-format adapter.
 
-For a frozen base model and a TruthfulQA fold (``lofit.tasks.truthfulqa``):
+For a frozen base model and a task (``--task``), each item of the task's training data gives labelled texts,
+true (label 1) and false (label 0), all of one item in one group:
 
-1. **Activations.** Every train-split question gives one text per correct answer (label 1) and per incorrect
-   answer (label 0), exactly ``"Q: {question}\\nA: {answer}"`` (the answers as written in the fold CSV,
-   duplicates within a question dropped; the tokenizer adds BOS if it does). Each text runs once through the
-   model (batched, right padding + attention mask); each head's output at the **last real token** is recorded:
-   the input of ``o_proj`` split into ``[num_heads, head_dim]``.
+- ``truthfulqa`` (train split of ``--fold``, :mod:`lofit.tasks.truthfulqa`): one text per correct and per
+  incorrect answer, exactly ``"Q: {question}\\nA: {answer}"`` (the answers as written in the fold CSV,
+  duplicates within a question dropped).
+- ``mquake`` (``mquake/train.jsonl``): true = ``prompt_of(case) + new_answer`` (the post-edit answer), false =
+  ``prompt_of(case) + answer`` (the pre-edit answer), joined with no space (the strings
+  :mod:`lofit.tasks.mquake` trains on): ``"Q: Imagine that {fact} {target_new}. {question} A:{answer}"``
+  (first edit, first question). A case whose two answers are equal is skipped.
+- ``arc`` / ``boolq`` (the raw training rows ``lofit-train --seed S`` trains on,
+  :func:`lofit.tasks.instruct.instruct_rows` with ``S = --seed``: its seeded val rows are never seen; BoolQ
+  capped at 1,000 rows): true = ``PROMPT + RESPONSE`` with the row's ``answer``, i.e. ``"...### Response:\\nthe
+  correct answer is {label}"``, then one false text per other label of the instruction's
+  ``"Answer format: a/b/..."``.
+
+``--limit N`` keeps the first N items (for arc/boolq it replaces the 1,000-row cap).
+
+1. **Activations.** Each text runs once through the model (batched, right padding + attention mask; the
+   tokenizer adds BOS if it does); each head's output at the **last real token** is recorded: the input of
+   ``o_proj`` split into ``[num_heads, head_dim]``.
 2. **Probes.** Per head, an L2-regularised logistic regression (standardised features, full-batch L-BFGS)
-   is trained on a seeded 80/20 split of the questions (all answers of a question on the same side) and
+   is trained on a seeded 80/20 split of the items (all texts of an item on the same side) and
    scored on the held-out 20 %. Heads are ranked by that accuracy (ties: lower ``(layer, head)`` first).
 3. **Directions.** Mass-mean shift ``θ = mean(true) - mean(false)`` over all train-split activations,
    normalised; ``σ`` = standard deviation (population) of the activations projected on ``θ``.
@@ -34,12 +48,19 @@ from lofit.adapter import LofitAdapter
 from lofit.heads import BaseModelIdentity, identity_from_checkpoint, layout_from_config, o_proj_modules
 from lofit.modes import eval_mode
 from lofit.picture import heads_png
-from lofit.tasks.base import file_identity
+from lofit.tasks.base import PACKAGE_DATA, TaskError, file_identity, require_file
+from lofit.tasks.instruct import PROMPT, RESPONSE, answer_labels, instruct_rows
+from lofit.tasks.mquake import prompt_of, read_cases
 from lofit.tasks.truthfulqa import TruthfulQAItem, fold_file, read_items
 from lofit.train.data import pad_token_id
 from lofit.train.stage1 import RANKING_KEPT, rank_heads
 
 TEXT_FORMAT = "Q: {question}\nA: {answer}"
+MQUAKE_TEXT_FORMAT = "Q: Imagine that {fact} {target_new}. {question} A:{answer}"
+INSTRUCT_TEXT_FORMAT = PROMPT + RESPONSE
+TEXT_FORMATS = {"truthfulqa": TEXT_FORMAT, "mquake": MQUAKE_TEXT_FORMAT, "arc": INSTRUCT_TEXT_FORMAT,
+                "boolq": INSTRUCT_TEXT_FORMAT}
+ITI_TASKS = tuple(TEXT_FORMATS)
 DEFAULT_ALPHA = 15.0
 VAL_FRACTION = 0.2
 PROBE_L2 = 1e-3
@@ -52,11 +73,20 @@ class BaselineError(ValueError):
 
 @dataclass
 class LabelledTexts:
-    """One text per (question, answer); ``labels`` 1 = correct answer, ``groups`` = question index."""
+    """One text per (item, answer); ``labels`` 1 = correct answer, ``groups`` = item index."""
 
     texts: list[str]
     labels: torch.Tensor
     groups: torch.Tensor
+
+
+@dataclass
+class TaskTexts:
+    """A task's labelled texts, with what the adapter's ``data`` metadata says about where they come from."""
+
+    labelled: LabelledTexts
+    data: dict[str, Any]  # e.g. fold, split, item counts; the text counts and format are added after these
+    files: list[dict[str, Any]]
 
 
 @dataclass
@@ -77,7 +107,72 @@ def qa_texts(items: list[TruthfulQAItem]) -> LabelledTexts:
                 texts.append(TEXT_FORMAT.format(question=item.question, answer=answer))
                 labels.append(label)
                 groups.append(index)
+    return _labelled(texts, labels, groups)
+
+
+def mquake_texts(cases: list[dict[str, Any]]) -> LabelledTexts:
+    """Per case: ``prompt_of(case) + new_answer`` (label 1), ``prompt_of(case) + answer`` (label 0).
+
+    A case whose new and pre-edit answers are equal is skipped (groups stay 0, 1, 2, ... over the kept cases).
+    """
+    texts, labels, groups = [], [], []
+    for number, case in enumerate(cases):
+        try:
+            prompt, true, false = prompt_of(case), case["new_answer"], case["answer"]
+        except (KeyError, IndexError, TypeError) as exc:
+            raise TaskError(f"MQuAKE case {number}: not an MQuAKE case (missing {exc})") from exc
+        if true == false:
+            continue
+        group = groups[-1] + 1 if groups else 0
+        texts += [prompt + true, prompt + false]
+        labels += [1, 0]
+        groups += [group, group]
+    return _labelled(texts, labels, groups)
+
+
+def instruct_texts(rows: list[dict[str, Any]]) -> LabelledTexts:
+    """Per row: ``PROMPT + RESPONSE`` with the correct label (label 1), then with each other label (label 0)."""
+    texts, labels, groups = [], [], []
+    for index, row in enumerate(rows):
+        candidates = answer_labels(row["instruction"])
+        correct = row.get("answer")
+        if correct not in candidates:
+            raise TaskError(f"training row {index}: answer {correct!r} is not one of the labels {candidates}")
+        prompt = PROMPT.format(instruction=row["instruction"])
+        for label in [correct, *(c for c in candidates if c != correct)]:
+            texts.append(prompt + RESPONSE.format(label=label))
+            labels.append(int(label == correct))
+            groups.append(index)
+    return _labelled(texts, labels, groups)
+
+
+def _labelled(texts: list[str], labels: list[int], groups: list[int]) -> LabelledTexts:
     return LabelledTexts(texts, torch.tensor(labels, dtype=torch.int64), torch.tensor(groups, dtype=torch.int64))
+
+
+def task_texts(task: str, fold: int = 0, limit: int | None = None, seed: int = 42) -> TaskTexts:
+    """The labelled texts of ``task``'s training data (the first ``limit`` items when given)."""
+    if task == "truthfulqa":
+        path = fold_file(fold, "train")
+        all_items = read_items(path)
+        items = all_items[:limit]
+        return TaskTexts(qa_texts(items), {"fold": fold, "split": "train", "questions": len(items)},
+                         [file_identity(path, len(all_items))])
+    if task == "mquake":
+        path = require_file(PACKAGE_DATA / "mquake" / "train.jsonl")
+        all_cases = read_cases(path)
+        cases = all_cases[:limit]
+        labelled = mquake_texts(cases)
+        kept = len(torch.unique(labelled.groups))
+        return TaskTexts(labelled, {"split": "train", "items": kept, "skipped_items": len(cases) - kept},
+                         [file_identity(path, len(all_cases))])
+    if task in ("arc", "boolq"):
+        rows = instruct_rows(task, train_size=limit, seed=seed)
+        return TaskTexts(instruct_texts(rows.train),
+                         {"split": "train", "items": len(rows.train), "held_out_val_rows": len(rows.val),
+                          "split_seed": seed},
+                         [file_identity(rows.path, rows.total)])
+    raise BaselineError(f"ITI has no task {task!r}; its tasks are {', '.join(ITI_TASKS)}")
 
 
 @torch.no_grad()
@@ -120,7 +215,7 @@ def head_activations(model: torch.nn.Module, tokenizer, texts: list[str], batch_
 
 
 def split_questions(groups: torch.Tensor, seed: int, val_fraction: float = VAL_FRACTION) -> torch.Tensor:
-    """Boolean mask of the held-out rows: a seeded ``val_fraction`` of the questions, whole questions only."""
+    """Boolean mask of the held-out rows: a seeded ``val_fraction`` of the groups (questions, cases, rows)."""
     questions = torch.unique(groups)
     if len(questions) < 2:
         raise BaselineError("ITI needs at least 2 questions (the probes hold out 20 % of them)")
@@ -206,7 +301,7 @@ def choose_k(total_heads: int, heads: int | None, heads_percent: float | None) -
 
 
 def build_iti_adapter(probes: HeadProbes, k: int, alpha: float, identity: BaseModelIdentity, name: str,
-                      metadata: dict[str, Any]) -> LofitAdapter:
+                      metadata: dict[str, Any], task: str = "truthfulqa") -> LofitAdapter:
     """The top-``k`` heads by probe accuracy with offsets ``α · σ · θ``, in the LoFiT adapter format."""
     ranking = rank_heads(probes.accuracy, keep=min(RANKING_KEPT, probes.accuracy.numel()))
     heads = sorted(ranking[:k])
@@ -216,20 +311,28 @@ def build_iti_adapter(probes: HeadProbes, k: int, alpha: float, identity: BaseMo
                  "scores": [[round(float(a), 6) for a in row] for row in probes.accuracy]}
     return LofitAdapter(
         heads=torch.tensor(heads, dtype=torch.int64), offsets=iti_offsets(probes, heads, alpha),
-        base_model=identity, name=name, task="truthfulqa",
+        base_model=identity, name=name, task=task,
         metadata={"method": "iti", "alpha": alpha, "num_heads_selected": k,
                   "probe_accuracy": {key(*h): round(float(probes.accuracy[h]), 6) for h in heads},
                   "activation_std": {key(*h): round(float(probes.sigma[h]), 6) for h in heads},
                   "selection": selection, **metadata})
 
 
-def make_iti_adapter(model_dir: str, out: str, *, fold: int = 0, heads: int | None = None,
-                     heads_percent: float | None = None, alpha: float = DEFAULT_ALPHA, seed: int = 42,
-                     limit: int | None = None, name: str | None = None, batch_size: int = 32,
+def make_iti_adapter(model_dir: str, out: str, *, task: str = "truthfulqa", fold: int | None = None,
+                     heads: int | None = None, heads_percent: float | None = None, alpha: float = DEFAULT_ALPHA,
+                     seed: int = 42, limit: int | None = None, name: str | None = None, batch_size: int = 32,
                      dtype: str = "float32", device: str = "cpu", progress: bool = True) -> Path:
-    """The whole ``lofit-baseline iti`` run: activations, probes, directions; writes the adapter to ``out``."""
+    """The whole ``lofit-baseline iti`` run: activations, probes, directions; writes the adapter to ``out``.
+
+    ``fold`` (default 0) is TruthfulQA's only; giving it with another task is an error.
+    """
     from lofit.train.pipeline import load_model, seed_everything
 
+    if task not in ITI_TASKS:
+        raise BaselineError(f"ITI has no task {task!r}; its tasks are {', '.join(ITI_TASKS)}")
+    if fold is not None and task != "truthfulqa":
+        raise BaselineError(f"--fold is only for --task truthfulqa ({task} has no folds)")
+    fold = 0 if fold is None else fold
     check_heads_setting(heads, heads_percent)
     if not math.isfinite(alpha) or alpha <= 0:
         raise BaselineError("--alpha must be a positive number")
@@ -238,31 +341,30 @@ def make_iti_adapter(model_dir: str, out: str, *, fold: int = 0, heads: int | No
     if batch_size < 1:
         raise BaselineError("--batch-size must be at least 1")
     started = time.perf_counter()
-    path = fold_file(fold, "train")
-    all_items = read_items(path)
-    items = all_items[:limit]
+    source = task_texts(task, fold, limit, seed)
+    labelled = source.labelled
     seed_everything(seed)
     tokenizer, model = load_model(model_dir, dtype, device)
     identity = identity_from_checkpoint(model_dir, name=Path(model_dir).resolve().name)
     layout = layout_from_config(model.config)
     k = choose_k(layout.total_heads, heads, heads_percent)
-    labelled = qa_texts(items)
     activations = head_activations(model, tokenizer, labelled.texts, batch_size, progress)
     captured = time.perf_counter()
     probes = fit_heads(activations, labelled.labels, labelled.groups, seed)
     name = name or Path(out).name
-    data = {"task": "truthfulqa", "fold": fold, "split": "train", "questions": len(items),
-            "texts": len(labelled.texts), "true_texts": int(labelled.labels.sum()),
-            "false_texts": int((labelled.labels == 0).sum()), "text_format": TEXT_FORMAT,
-            "files": [file_identity(path, len(all_items))]}
-    hyperparameters = {"method": "iti", "fold": fold, "alpha": alpha, "seed": seed, "heads": heads,
-                       "heads_percent": heads_percent, "limit": limit, "val_fraction": VAL_FRACTION,
+    truthfulqa = task == "truthfulqa"
+    data = {"task": task, **source.data, "texts": len(labelled.texts), "true_texts": int(labelled.labels.sum()),
+            "false_texts": int((labelled.labels == 0).sum()), "text_format": TEXT_FORMATS[task],
+            "files": source.files}
+    hyperparameters = {"method": "iti", **({"fold": fold} if truthfulqa else {}), "alpha": alpha, "seed": seed,
+                       "heads": heads, "heads_percent": heads_percent, "limit": limit, "val_fraction": VAL_FRACTION,
                        "probe_l2": PROBE_L2, "probe_steps": PROBE_STEPS, "batch_size": batch_size, "dtype": dtype}
     timings = {"activations": round(captured - started, 3), "probes": round(time.perf_counter() - captured, 3)}
     adapter = build_iti_adapter(probes, k, alpha, identity, name,
-                                {"fold": fold, "data": data, "hyperparameters": hyperparameters,
-                                 "timings_seconds": timings})
+                                {**({"fold": fold} if truthfulqa else {}), "data": data,
+                                 "hyperparameters": hyperparameters, "timings_seconds": timings}, task=task)
+    where = f"fold {fold}" if truthfulqa else task
     picture = heads_png(probes.accuracy, adapter.head_list(), layout.num_layers, layout.num_heads,
-                        f"{name} (ITI, fold {fold}): top {k} of {layout.total_heads} heads by probe accuracy",
+                        f"{name} (ITI, {where}): top {k} of {layout.total_heads} heads by probe accuracy",
                         label="held-out probe accuracy")
     return adapter.save(out, extra_files={"heads.png": picture})

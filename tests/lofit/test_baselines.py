@@ -6,6 +6,7 @@ import json
 import math
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -13,9 +14,25 @@ import torch
 
 from lofit.adapter import load_adapter
 from lofit.baselines.cli import main as baseline_main
-from lofit.baselines.iti import fit_heads, head_activations, iti_offsets, qa_texts, split_questions
+from lofit.baselines.iti import (
+    INSTRUCT_TEXT_FORMAT,
+    MQUAKE_TEXT_FORMAT,
+    fit_heads,
+    head_activations,
+    instruct_texts,
+    iti_offsets,
+    mquake_texts,
+    qa_texts,
+    split_questions,
+    task_texts,
+)
+from lofit.eval.cli import adapter_fold
 from lofit.heads import HeadLayout, identity_from_checkpoint
 from lofit.intervene import apply_adapters
+from lofit.tasks import TaskError
+from lofit.tasks.base import PACKAGE_DATA
+from lofit.tasks.instruct import PROMPT, RESPONSE, answer_labels, instruct_rows, load_instruct
+from lofit.tasks.mquake import prompt_of, read_cases
 from lofit.tasks.truthfulqa import fold_file, read_items
 from lofit.train.cli import main as train_main
 from lofit.train.stage1 import random_selection, rank_heads
@@ -41,6 +58,70 @@ def test_qa_texts_label_every_answer_and_group_by_question():
     assert len(labelled.texts) == len(labelled.labels) == len(labelled.groups) == expected
     assert int(labelled.labels.sum()) == sum(len(set(i.correct_answers)) for i in items)
     assert labelled.groups.tolist() == sorted(labelled.groups.tolist()) and set(labelled.groups.tolist()) == {0, 1, 2}
+
+
+def test_mquake_texts_pair_the_new_and_the_pre_edit_answer():
+    cases = read_cases(PACKAGE_DATA / "mquake" / "train.jsonl")[:3]
+    labelled = mquake_texts(cases)
+    first = cases[0]
+    rewrite = first["requested_rewrite"][0]
+    assert labelled.texts[:2] == [prompt_of(first) + first["new_answer"], prompt_of(first) + first["answer"]]
+    assert labelled.texts[0] == MQUAKE_TEXT_FORMAT.format(
+        fact=rewrite["prompt"].format(rewrite["subject"]), target_new=rewrite["target_new"]["str"],
+        question=first["questions"][0], answer=first["new_answer"])
+    assert labelled.texts[0].endswith(" A:" + first["new_answer"]), "joined with no space, as lofit-train does"
+    assert labelled.labels.tolist() == [1, 0] * 3 and labelled.groups.tolist() == [0, 0, 1, 1, 2, 2]
+
+    same = {**cases[1], "answer": cases[1]["new_answer"]}
+    skipped = mquake_texts([cases[0], same, cases[2]])
+    assert skipped.groups.tolist() == [0, 0, 1, 1] and skipped.texts[2] == prompt_of(cases[2]) + cases[2]["new_answer"]
+    source = task_texts("mquake", limit=5)
+    assert source.data == {"split": "train", "items": 5, "skipped_items": 0} and len(source.labelled.texts) == 10
+
+
+def test_instruct_texts_arc_row_gives_one_true_and_a_false_per_other_label():
+    row = instruct_rows("arc").train[0]
+    assert answer_labels(row["instruction"]) == ["answer1", "answer2", "answer3", "answer4"]
+    labelled = instruct_texts([row])
+    prompt = PROMPT.format(instruction=row["instruction"])
+    assert labelled.texts[0] == prompt + row["output"] == INSTRUCT_TEXT_FORMAT.format(
+        instruction=row["instruction"], label=row["answer"])
+    assert labelled.labels.tolist() == [1, 0, 0, 0] and labelled.groups.tolist() == [0, 0, 0, 0]
+    others = [label for label in ("answer1", "answer2", "answer3", "answer4") if label != row["answer"]]
+    assert labelled.texts[1:] == [prompt + RESPONSE.format(label=label) for label in others]
+
+    made = {"instruction": "Pick one.\n\nAnswer format: answer1/answer2/answer3", "output": "", "answer": "answer2"}
+    assert [t[-7:] for t in instruct_texts([made]).texts] == ["answer2", "answer1", "answer3"]
+    with pytest.raises(TaskError, match="answer 'answer9' is not one of the labels"):
+        instruct_texts([{**made, "answer": "answer9"}])
+    with pytest.raises(TaskError, match="does not end in 'Answer format:"):
+        answer_labels("Pick one.")
+
+
+def test_instruct_texts_boolq_row_gives_one_true_and_one_false():
+    rows = instruct_rows("boolq").train[:5]
+    labelled = instruct_texts(rows)
+    assert labelled.labels.tolist() == [1, 0] * 5 and labelled.groups.tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
+    for row, true, false in zip(rows, labelled.texts[::2], labelled.texts[1::2], strict=True):
+        other = {"true": "false", "false": "true"}[row["answer"]]
+        assert true == PROMPT.format(instruction=row["instruction"]) + row["output"]
+        assert false == PROMPT.format(instruction=row["instruction"]) + f"the correct answer is {other}"
+    assert task_texts("boolq").data["items"] == 1000, "capped like lofit-train's default"
+    assert task_texts("boolq", limit=1500).data["items"] == 1500, "--limit replaces the cap"
+
+
+@pytest.mark.parametrize("seed", [42, 7])
+def test_arc_texts_are_the_training_rows_and_never_the_val_rows(seed):
+    source = task_texts("arc", seed=seed)
+    trained = load_instruct("arc", seed=seed)
+    true_texts = [t for t, label in zip(source.labelled.texts, source.labelled.labels, strict=True) if label]
+    assert true_texts == [ex.prompt + ex.completion for ex in trained.train], "the rows lofit-train trains on"
+    prompts = Counter(t.rpartition("### Response:\n")[0] + "### Response:\n" for t in true_texts)
+    everything = Counter(PROMPT.format(instruction=r["instruction"])
+                         for r in json.loads((PACKAGE_DATA / "arc" / "train.json").read_text()))
+    assert everything - prompts == Counter(ex.prompt for ex in trained.val), "exactly the val rows are left out"
+    assert source.data == {"split": "train", "items": 1119 - 111, "held_out_val_rows": 111, "split_seed": seed}
+    assert task_texts("arc", seed=seed, limit=12).labelled.texts == source.labelled.texts[:48]
 
 
 def test_split_holds_out_whole_questions_with_a_seed():
@@ -166,6 +247,22 @@ def test_iti_adapter_loads_for_the_base_model_and_steers(iti_adapter, stories_di
     assert (steered - plain).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize(("task", "limit", "texts"), [("arc", 12, 48), ("boolq", 6, 12), ("mquake", 10, 20)])
+def test_iti_for_another_task_writes_an_adapter_of_that_task(stories_dir, tmp_path, capsys, task, limit, texts):
+    out = tmp_path / f"iti-{task}"
+    assert baseline_main(["iti", "--model", str(stories_dir), "--task", task, "--limit", str(limit), "--heads", "3",
+                          "--out", str(out), "--no-progress"]) == 0, capsys.readouterr().err
+    adapter = load_adapter(out, expect_base=identity_from_checkpoint(stories_dir))
+    assert adapter.task == task and adapter.name == f"iti-{task}" and adapter.num_heads == 3
+    meta = adapter.metadata
+    assert meta["method"] == "iti" and meta["data"]["task"] == task and meta["data"]["items"] == limit
+    assert (meta["data"]["texts"], meta["data"]["true_texts"]) == (texts, limit)
+    expected_format = MQUAKE_TEXT_FORMAT if task == "mquake" else PROMPT + RESPONSE
+    assert meta["data"]["text_format"] == expected_format
+    assert "fold" not in meta and "fold" not in meta["hyperparameters"] and adapter_fold(out) is None
+    assert json.loads(capsys.readouterr().out)["heads"] == [list(h) for h in adapter.head_list()]
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["--heads", "2"], "missing required setting(s): --out"),
     (["--heads", "2", "--heads-percent", "3", "--out", "X"], "exactly one of --heads K or --heads-percent P"),
@@ -173,6 +270,8 @@ def test_iti_adapter_loads_for_the_base_model_and_steers(iti_adapter, stories_di
     (["--heads", "2", "--fold", "2", "--out", "X"], "folds 0 and 1"),
     (["--heads", "2", "--alpha", "-1", "--out", "X"], "--alpha must be a positive number"),
     (["--heads", "2", "--limit", "1", "--out", "X"], "--limit must be at least 2"),
+    (["--task", "arc", "--fold", "0", "--heads", "2", "--out", "X"],
+     "--fold is only for --task truthfulqa (arc has no folds)"),
 ])
 def test_iti_bad_input_gets_a_clear_error(stories_dir, tmp_path, capsys, args, message):
     args = [a.replace("X", str(tmp_path / "x")) for a in args]
@@ -192,7 +291,7 @@ def test_lofit_baseline_console_script_help():
     command = [str(LOFIT_BASELINE)] if LOFIT_BASELINE.exists() else [sys.executable, "-m", "lofit.baselines.cli"]
     result = subprocess.run([*command, "iti", "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0
-    for flag in ("--model", "--fold", "--heads-percent", "--alpha", "--seed", "--limit", "--out"):
+    for flag in ("--model", "--task", "--fold", "--heads-percent", "--alpha", "--seed", "--limit", "--out"):
         assert flag in result.stdout
 
 
