@@ -9,7 +9,7 @@ from pathlib import Path
 from fastapi import APIRouter, Depends, HTTPException, Request, UploadFile
 from pydantic import BaseModel
 
-from lofit.adapter import CONFIG_FILE, TENSORS_FILE, AdapterError, load_adapter
+from lofit.adapter import CONFIG_FILE, TENSORS_FILE
 from server.auth import require_admin_key, require_inference_key
 from server.registry import InvalidAdapter, now_ms
 from server.schemas import AdapterInfo, AdapterList, LoadAdapterRequest, LoadAdapterResult
@@ -65,7 +65,7 @@ async def upload_adapter(name: str, request: Request, adapter_config: UploadFile
     """Upload ``adapter_config.json`` and ``adapter.safetensors`` as adapter ``name``: validated against the
     served model, written atomically into the adapters directory, then loaded."""
     state = request.app.state.lofit
-    target = state.registry.path_for(name)
+    state.registry.path_for(name)  # refuse a bad name before writing anything
     limit = state.settings.max_upload_bytes
     state.settings.adapters_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".upload-{name}.", dir=state.settings.adapters_dir))
@@ -75,19 +75,7 @@ async def upload_adapter(name: str, request: Request, adapter_config: UploadFile
             if len(data) > limit:
                 raise InvalidAdapter(f"{filename} is larger than the upload limit ({limit} bytes)")
             (staging / filename).write_bytes(data)
-        try:
-            adapter = load_adapter(staging, expect_base=state.registry.base)
-        except AdapterError as exc:
-            raise InvalidAdapter(str(exc)) from exc
-        if adapter.name != name:
-            raise InvalidAdapter(f"the uploaded adapter is named {adapter.name!r}, not {name!r}")
-        async with state.registry._lock(name):
-            old = target.with_name(f".old-{name}")
-            if target.exists():
-                shutil.rmtree(old, ignore_errors=True)
-                target.rename(old)
-            staging.rename(target)
-            shutil.rmtree(old, ignore_errors=True)
+        await state.registry.install(name, staging)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return await _load(request, name)

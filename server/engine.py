@@ -9,6 +9,7 @@ request in the engine.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 import uuid
@@ -120,15 +121,9 @@ async def generate(state: Any, prompt_ids: list[int], params: Any, choice: Choic
             yield output
         status = "200"
     except BaseException as exc:
-        status = "499" if isinstance(exc, GeneratorExit | _cancelled()) else "500"
+        status = "499" if isinstance(exc, GeneratorExit | asyncio.CancelledError) else "500"
         raise
     finally:
         (metrics.running if first is not None else metrics.waiting).dec()
         metrics.requests.labels(choice.label, route, status).inc()
         metrics.latency.labels(choice.label, route).observe(time.perf_counter() - started)
-
-
-def _cancelled() -> type:
-    import asyncio
-
-    return asyncio.CancelledError

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import shutil
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -84,13 +85,7 @@ class AdapterRegistry:
         path = self.path_for(name)
         if not path.is_dir():
             raise InvalidAdapter(f"no adapter folder {name!r} in the adapters directory")
-        try:
-            adapter = load_adapter(path, expect_base=self.base)
-        except AdapterError as exc:
-            raise InvalidAdapter(str(exc)) from exc
-        if adapter.name != name:
-            raise InvalidAdapter(f"folder {name!r} holds an adapter named {adapter.name!r}; "
-                                 "the folder name must equal the adapter's name")
+        adapter = self.validate(path, name)
         async with self._lock(name):
             current = self.records.get(name)
             if current is not None and current.adapter.content_sha256 == adapter.content_sha256:
@@ -102,6 +97,30 @@ class AdapterRegistry:
             record = Record(adapter, path, datetime.now(UTC).isoformat(timespec="seconds"))
             self.records[name] = record
             return record, True
+
+    def validate(self, path: Path, name: str) -> LofitAdapter:
+        """The adapter in ``path``, checked against the served model and required to be named ``name``."""
+        try:
+            adapter = load_adapter(path, expect_base=self.base)
+        except AdapterError as exc:
+            raise InvalidAdapter(str(exc)) from exc
+        if adapter.name != name:
+            raise InvalidAdapter(f"adapter {name!r}: the files hold an adapter named {adapter.name!r}; "
+                                 "the folder name must equal the adapter's name")
+        return adapter
+
+    async def install(self, name: str, staging: Path) -> None:
+        """Validate the adapter files in ``staging`` and move them into place as folder ``name`` (replacing an
+        older folder); the caller then loads it with :meth:`load`."""
+        target = self.path_for(name)
+        self.validate(staging, name)
+        async with self._lock(name):
+            old = target.with_name(f".old-{name}")
+            if target.exists():
+                shutil.rmtree(old, ignore_errors=True)
+                target.rename(old)
+            staging.rename(target)
+            shutil.rmtree(old, ignore_errors=True)
 
     async def unload(self, name: str) -> bool:
         """Forget ``name``; returns False when it was not loaded. Running requests finish with its content."""

@@ -32,17 +32,22 @@ class Backend(Protocol):
         """The greedy completion (generated text only) of each prompt."""
 
 
-def split_continuation(tokenizer, prefix: str, continuation: str) -> tuple[list[int], list[int]]:
-    """Token ids of ``prefix`` and of ``continuation`` as they appear in the tokenisation of both together.
+def split_continuations(tokenizer, prefix: str, continuations: Sequence[str]) -> tuple[list[int], list[list[int]]]:
+    """Token ids of ``prefix`` (tokenised once) and of each continuation as it appears in the tokenisation of
+    prefix and continuation together.
 
     Raises ``ValueError`` when the tokenizer merges across the boundary (then the continuation's tokens are
     not well defined).
     """
     prefix_ids = tokenizer(prefix, add_special_tokens=True)["input_ids"]
-    full = tokenizer(prefix + continuation, add_special_tokens=True)["input_ids"]
-    if full[: len(prefix_ids)] != prefix_ids or len(full) == len(prefix_ids):
-        raise ValueError(f"the tokenizer merges across the boundary of {prefix[-20:]!r} + {continuation[:20]!r}")
-    return prefix_ids, full[len(prefix_ids):]
+    conts = []
+    for continuation in continuations:
+        full = tokenizer(prefix + continuation, add_special_tokens=True)["input_ids"]
+        if full[: len(prefix_ids)] != prefix_ids or len(full) == len(prefix_ids):
+            raise ValueError(f"the tokenizer merges across the boundary of {prefix[-20:]!r} + "
+                             f"{continuation[:20]!r}")
+        conts.append(full[len(prefix_ids):])
+    return prefix_ids, conts
 
 
 @torch.no_grad()
@@ -53,9 +58,7 @@ def prefix_continuation_logprobs(model, tokenizer, prefix: str, continuations: S
     no attention mask is needed: no real token attends to a pad).
     """
     device = next(model.parameters()).device
-    splits = [split_continuation(tokenizer, prefix, c) for c in continuations]
-    prefix_ids = splits[0][0]
-    conts = [cont for _, cont in splits]
+    prefix_ids, conts = split_continuations(tokenizer, prefix, continuations)
     out = model(input_ids=torch.tensor([prefix_ids], device=device), use_cache=True)
     first = F.log_softmax(out.logits[0, -1].float(), dim=-1)
     width = max(len(c) for c in conts)
@@ -141,8 +144,8 @@ class VllmBackend:
 
         prompts, spans = [], []
         for prefix, continuations in items:
-            for continuation in continuations:
-                prefix_ids, cont_ids = split_continuation(self.tokenizer, prefix, continuation)
+            prefix_ids, conts = split_continuations(self.tokenizer, prefix, continuations)
+            for cont_ids in conts:
                 prompts.append(TokensPrompt(prompt_token_ids=prefix_ids + cont_ids))
                 spans.append((len(prefix_ids), cont_ids))
         params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)

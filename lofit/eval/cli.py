@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lofit.adapter import AdapterError, load_adapter
+from lofit.adapter import AdapterError, LofitAdapter, load_adapter
 from lofit.tasks.base import TaskError
 
 TASKS = ("truthfulqa", "mquake", "clutrr", "arc", "boolq", "winogrande", "siqa", "gsm8k")
@@ -30,10 +30,10 @@ LIKELIHOOD_TASKS = ("truthfulqa", "arc", "boolq", "winogrande", "siqa")
 METRIC = {"truthfulqa": "mc1", "mquake": "exact_match", "clutrr": "exact_match", "gsm8k": "exact_match"}
 
 
-def adapter_fold(path: Path) -> int | None:
-    config = json.loads((path / "adapter_config.json").read_text())
-    fold = (config.get("hyperparameters") or {}).get("fold")
-    return fold if config.get("task") == "truthfulqa" and fold in (0, 1) else None
+def adapter_fold(adapter: LofitAdapter) -> int | None:
+    """The TruthfulQA fold an adapter was trained on, from its recorded hyper-parameters."""
+    fold = (adapter.metadata.get("hyperparameters") or {}).get("fold")
+    return fold if adapter.task == "truthfulqa" and fold in (0, 1) else None
 
 
 def make_backend(args: argparse.Namespace):
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
     for path, adapter in adapters:
         fold = None
         if args.task == "truthfulqa":
-            fold = adapter_fold(path) if args.fold == "both" else int(args.fold)
+            fold = adapter_fold(adapter) if args.fold == "both" else int(args.fold)
             if fold is None:
                 fail(f"{path}: cannot tell which TruthfulQA fold it was trained on; pass --fold 0 or 1")
         jobs.append((adapter.name, path, fold))

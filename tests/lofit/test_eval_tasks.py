@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from lofit.eval.backends import TransformersBackend, split_continuation
+from lofit.eval.backends import TransformersBackend, split_continuations
 from lofit.eval.choice import (
     PROMPT,
     ChoiceItem,
@@ -116,7 +116,7 @@ def test_transformers_backend_equals_the_validated_scorer(stories_dir, stories_m
     expected = answer_logprobs(stories_model, stories_tokenizer, context, answers)
     [got] = backend.batch_continuation_logprobs([(context + "\nA:", [" " + a for a in answers])], None)
     assert got == pytest.approx(expected, abs=1e-4)
-    prefix_ids, cont_ids = split_continuation(stories_tokenizer, "Lily went", " home")
+    prefix_ids, [cont_ids] = split_continuations(stories_tokenizer, "Lily went", [" home"])
     assert prefix_ids + cont_ids == stories_tokenizer("Lily went home")["input_ids"]
 
 
