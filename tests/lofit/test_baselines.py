@@ -259,7 +259,7 @@ def test_iti_for_another_task_writes_an_adapter_of_that_task(stories_dir, tmp_pa
     assert (meta["data"]["texts"], meta["data"]["true_texts"]) == (texts, limit)
     expected_format = MQUAKE_TEXT_FORMAT if task == "mquake" else PROMPT + RESPONSE
     assert meta["data"]["text_format"] == expected_format
-    assert "fold" not in meta and "fold" not in meta["hyperparameters"] and adapter_fold(out) is None
+    assert "fold" not in meta and "fold" not in meta["hyperparameters"] and adapter_fold(adapter) is None
     assert json.loads(capsys.readouterr().out)["heads"] == [list(h) for h in adapter.head_list()]
 
 
