@@ -5,8 +5,10 @@
                 [--max-adapters 256] [--kv-cache-gib 1] [--max-prompt-tokens N] [--served-model-name NAME]
                 [any vLLM engine flag, e.g. --enforce-eager --max-num-batched-tokens 4096]
 
-The defaults serve the embedded SmolLM2-135M-Instruct with the shipped ``adapters/``. Keys may also come
-from ``LOFIT_API_KEY`` and ``LOFIT_ADMIN_KEY``.
+The defaults serve the embedded SmolLM2-135M-Instruct with the shipped ``adapters/``. Every flag may also
+come from an environment variable named after it, ``LOFIT_`` + the flag in capitals with ``_`` for ``-``
+(``LOFIT_API_KEY``, ``LOFIT_ADMIN_KEY``, ``LOFIT_ADAPTERS_DIR``, ``LOFIT_MAX_MODEL_LEN``, ...); a flag on the
+command line wins. ``LOFIT_ENGINE_ARGS`` holds extra vLLM engine flags (``"--enforce-eager --seed 1"``).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import dataclasses
 import json
 import logging
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -51,24 +54,44 @@ def engine_flags(rest: list[str]) -> dict:
     return out
 
 
+def env_name(flag: str) -> str:
+    """``--max-model-len`` -> ``LOFIT_MAX_MODEL_LEN``."""
+    return "LOFIT_" + flag.lstrip("-").replace("-", "_").upper()
+
+
 def parse(argv: list[str] | None = None) -> Settings:
     defaults = Settings()
     parser = argparse.ArgumentParser(prog="lofit-serve", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path, default=defaults.model)
-    parser.add_argument("--adapters-dir", type=Path, default=defaults.adapters_dir)
-    parser.add_argument("--host", default=defaults.host)
-    parser.add_argument("--port", type=int, default=defaults.port)
-    parser.add_argument("--api-key", default=os.environ.get("LOFIT_API_KEY"))
-    parser.add_argument("--admin-key", default=os.environ.get("LOFIT_ADMIN_KEY"))
-    parser.add_argument("--served-model-name")
-    parser.add_argument("--dtype", default=defaults.dtype)
-    parser.add_argument("--max-model-len", type=int, default=defaults.max_model_len)
-    parser.add_argument("--max-num-seqs", type=int, default=defaults.max_num_seqs)
-    parser.add_argument("--max-adapters", type=int, default=defaults.max_adapters)
-    parser.add_argument("--max-prompt-tokens", type=int)
-    parser.add_argument("--kv-cache-gib", type=float, help="CPU KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE)")
+
+    def flag(name: str, default: object = None, cast: type = str, doc: str | None = None) -> None:
+        """A flag whose default comes from its ``LOFIT_*`` environment variable when that is set."""
+        raw = os.environ.get(env_name(name))
+        if raw:
+            try:
+                default = cast(raw)
+            except ValueError:
+                parser.exit(2, f"lofit-serve: {env_name(name)}={raw!r} is not a valid {name} value\n")
+        parser.add_argument(name, type=cast, default=default, help=doc)
+
+    flag("--model", defaults.model, Path)
+    flag("--adapters-dir", defaults.adapters_dir, Path)
+    flag("--host", defaults.host)
+    flag("--port", defaults.port, int)
+    flag("--api-key", doc="key for the inference routes (Authorization: Bearer KEY)")
+    flag("--admin-key", doc="key for the adapter admin routes; without it they are refused")
+    flag("--served-model-name")
+    flag("--dtype", defaults.dtype)
+    flag("--max-model-len", defaults.max_model_len, int)
+    flag("--max-num-seqs", defaults.max_num_seqs, int)
+    flag("--max-adapters", defaults.max_adapters, int)
+    flag("--max-prompt-tokens", None, int)
+    flag("--kv-cache-gib", None, float, doc="CPU KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE)")
     args, rest = parser.parse_known_args(argv)
+    try:
+        rest = shlex.split(os.environ.get("LOFIT_ENGINE_ARGS", "")) + rest
+    except ValueError as exc:
+        parser.exit(2, f"lofit-serve: LOFIT_ENGINE_ARGS cannot be parsed ({exc})\n")
     if not (args.model / "config.json").is_file():
         parser.exit(2, f"lofit-serve: {args.model} is not a model directory (no config.json); run "
                        "scripts/setup.sh to prepare the default model\n")

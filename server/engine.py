@@ -83,7 +83,8 @@ def sampling_params(fields: Any, max_tokens: int, stream: bool, choice: Choice, 
 
     return SamplingParams(
         max_tokens=max_tokens, temperature=fields.temperature, top_p=fields.top_p, top_k=fields.top_k,
-        seed=fields.seed, stop=fields.stop, logprobs=logprobs, extra_args=choice.extra_args,
+        seed=fields.seed, stop=fields.stop, ignore_eos=fields.ignore_eos, logprobs=logprobs,
+        extra_args=choice.extra_args,
         output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY)
 
 
