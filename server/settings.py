@@ -26,7 +26,7 @@ class Settings:
     max_prompt_tokens: int | None = None  # default: max_model_len - 1
     max_body_bytes: int = 1 << 20
     max_upload_bytes: int = 64 << 20
-    kv_cache_gib: float | None = None  # CPU KV cache size (VLLM_CPU_KVCACHE_SPACE)
+    kv_cache_gib: int | None = None  # CPU KV cache size (VLLM_CPU_KVCACHE_SPACE)
     engine_args: dict = field(default_factory=dict)  # any other vLLM engine argument
 
     @property
