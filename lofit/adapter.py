@@ -39,6 +39,7 @@ CONFIG_FILE = "adapter_config.json"
 HEADS_PICTURE = "heads.png"
 REPORT_FILE = "train_report.json"
 MAX_TENSORS_BYTES = 64 * 1024 * 1024  # an adapter is KBs; refuse anything absurd before reading it
+MAX_CONFIG_BYTES = 4 * 1024 * 1024  # a config is a few KBs, even with a full head ranking of a large model
 
 
 class AdapterError(ValueError):
@@ -228,10 +229,16 @@ def _read_config(directory: Path) -> dict[str, Any]:
     if not path.is_file():
         raise AdapterFileMissingError(f"{directory}: {CONFIG_FILE} not found; is this a LoFiT adapter "
                                       "directory (made by lofit-train)?")
+    size = path.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise AdapterFormatError(f"{path}: {size} bytes is far larger than any adapter config "
+                                 f"(limit {MAX_CONFIG_BYTES}); refusing to read it")
     try:
         config = json.loads(path.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise AdapterFormatError(f"{path}: not valid JSON ({exc})") from exc
+    except RecursionError as exc:
+        raise AdapterFormatError(f"{path}: not valid JSON (nested too deeply)") from exc
     if not isinstance(config, dict):
         raise AdapterFormatError(f"{path}: expected a JSON object")
     if config.get("format") != FORMAT:

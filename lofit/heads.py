@@ -68,9 +68,16 @@ class BaseModelIdentity:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> BaseModelIdentity:
         fields = cls.__dataclass_fields__
+        if not isinstance(data, dict):
+            raise TypeError(f"base_model must be an object, got {type(data).__name__}")
         missing = [name for name in fields if name not in data]
         if missing:
             raise KeyError(f"base_model is missing {missing}")
+        for name, spec in fields.items():
+            value, want = data[name], int if spec.type == "int" else str
+            if type(value) is not want or (want is int and value < 0):
+                raise TypeError(f"base_model.{name} must be a{' non-negative integer' if want is int else ' string'}"
+                                f", got {value!r}")
         return cls(**{name: data[name] for name in fields})
 
     def mismatches(self, other: BaseModelIdentity) -> list[str]:

@@ -81,7 +81,8 @@ async def upload_adapter(name: str, request: Request, adapter_config: UploadFile
     return await _load(request, name)
 
 
-@router.delete("/{name}", response_model=UnloadResult, dependencies=[Depends(require_admin_key)])
+@router.delete("/{name}", response_model=UnloadResult, dependencies=[Depends(require_admin_key)],
+               responses={400: {"description": "invalid adapter name"}})
 async def unload_adapter(name: str, request: Request) -> UnloadResult:
     """Unload ``name`` (its folder stays on disk). Requests already running finish with it. Idempotent."""
     state = request.app.state.lofit

@@ -11,7 +11,7 @@ from fastapi.responses import StreamingResponse
 
 from server.auth import require_inference_key
 from server.engine import Choice, check_length, choose, generate, sampling_params
-from server.schemas import AdapterUsed, GenerateRequest, GenerateResult, TokenLogprob, Usage
+from server.schemas import STREAMED, AdapterUsed, GenerateRequest, GenerateResult, TokenLogprob, Usage
 
 router = APIRouter(dependencies=[Depends(require_inference_key)])
 
@@ -53,7 +53,9 @@ def result_of(output: Any, choice: Choice) -> GenerateResult:
 
 
 @router.post("/generate", response_model=GenerateResult | list[GenerateResult],
-             responses={400: {"description": "prompt too long"}, 404: {"description": "unknown adapter"}})
+             responses={200: {"content": STREAMED, "description": "a result, a list of results, or events"},
+                        400: {"description": "prompt too long, or sampling the engine refuses"},
+                        404: {"description": "unknown adapter"}})
 async def post_generate(body: GenerateRequest, request: Request) -> Any:
     """Generate for one prompt (an object back) or a list of prompts (a list back), steered by the adapter
     choice. ``stream: true`` (one prompt) sends server-sent events: text deltas, then the result, then

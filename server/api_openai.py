@@ -16,6 +16,7 @@ from server.auth import require_inference_key
 from server.engine import Choice, check_length, choose, generate, sampling_params
 from server.registry import UnknownAdapter
 from server.schemas import (
+    STREAMED,
     AssistantMessage,
     ChatChoice,
     ChatCompletionRequest,
@@ -59,7 +60,9 @@ async def list_models(request: Request) -> ModelList:
 
 
 @router.post("/completions", response_model=CompletionResponse,
-             responses={404: {"description": "unknown model"}, 400: {"description": "prompt too long"}})
+             responses={200: {"content": STREAMED, "description": "the completion, or events"},
+                        404: {"description": "unknown model"},
+                        400: {"description": "prompt too long, or sampling the engine refuses"}})
 async def completions(body: CompletionRequest, request: Request) -> Any:
     state = request.app.state.lofit
     choice = choice_for_model(state, body.model)
@@ -112,7 +115,9 @@ def _openai_logprobs(completion: Any) -> dict | None:
 
 
 @router.post("/chat/completions", response_model=ChatCompletionResponse,
-             responses={404: {"description": "unknown model"}, 400: {"description": "prompt too long"}})
+             responses={200: {"content": STREAMED, "description": "the completion, or events"},
+                        404: {"description": "unknown model"},
+                        400: {"description": "prompt too long, or sampling the engine refuses"}})
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
     state = request.app.state.lofit
     choice = choice_for_model(state, body.model)

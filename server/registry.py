@@ -3,8 +3,9 @@
 Adapters live in folders under the adapters directory (one folder per adapter, folder name = adapter name).
 Loading goes through the engine (``collective_rpc``), which validates the adapter against the served model
 on every worker; a name's lock keeps concurrent loads and unloads of one name in order. Names are checked
-against a strict pattern and resolved paths must stay inside the adapters directory, so a name can never
-reach another file.
+against a strict pattern (the whole name, ASCII only), resolved paths must stay inside the adapters
+directory, and symbolic links are refused (an adapter folder that is a link, or an adapter file that is
+one), so neither a name nor a link can make the server read a file outside the directory.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from lofit.adapter import AdapterError, LofitAdapter, load_adapter
+from lofit.adapter import CONFIG_FILE, TENSORS_FILE, AdapterError, LofitAdapter, load_adapter
 from lofit.heads import BaseModelIdentity
 from lofit.vllm.salt import Combination
 from server.schemas import ADAPTER_NAME, AdapterInfo
@@ -63,22 +64,34 @@ class AdapterRegistry:
     records: dict[str, Record] = field(default_factory=dict)
     _locks: dict[str, asyncio.Lock] = field(default_factory=dict)
 
-    def path_for(self, name: str) -> Path:
-        """The folder of adapter ``name`` inside the adapters directory (refuses anything that leaves it)."""
-        if not isinstance(name, str) or not _NAME.match(name):
+    @staticmethod
+    def check_name(name: str) -> None:
+        """Refuse a name that is not a plain adapter name (the whole string must match the pattern)."""
+        if not isinstance(name, str) or not _NAME.fullmatch(name):
             raise InvalidAdapter(f"invalid adapter name {name!r}: use letters, digits, '.', '_' or '-' "
                                  "(at most 64, starting with a letter or digit)")
+
+    def path_for(self, name: str) -> Path:
+        """The folder of adapter ``name`` inside the adapters directory (refuses links and anything that
+        leaves it)."""
+        self.check_name(name)
         root = self.directory.resolve()
+        if (root / name).is_symlink():
+            raise InvalidAdapter(f"adapter {name!r} is a symbolic link in the adapters directory; the server "
+                                 "refuses links (copy the adapter folder in instead)")
         path = (root / name).resolve()
         if path.parent != root:
             raise InvalidAdapter(f"adapter {name!r} resolves outside the adapters directory")
         return path
 
     def names_on_disk(self) -> list[str]:
+        """Entries that look like adapters, so that start-up loads them or reports why not: folders with an
+        ``adapter_config.json``, and links and badly named folders too (hidden ones are the server's own
+        staging and backup folders)."""
         if not self.directory.is_dir():
             return []
-        return sorted(p.name for p in self.directory.iterdir()
-                      if _NAME.match(p.name) and (p / "adapter_config.json").is_file())
+        return sorted(p.name for p in self.directory.iterdir() if not p.name.startswith(".") and (
+            p.is_symlink() or (p / CONFIG_FILE).is_symlink() or (p / CONFIG_FILE).is_file()))
 
     async def load(self, name: str) -> tuple[Record, bool]:
         """Load (or reload) ``name`` from the adapters directory; returns the record and whether it changed."""
@@ -100,6 +113,10 @@ class AdapterRegistry:
 
     def validate(self, path: Path, name: str) -> LofitAdapter:
         """The adapter in ``path``, checked against the served model and required to be named ``name``."""
+        for filename in (CONFIG_FILE, TENSORS_FILE):
+            if (path / filename).is_symlink():
+                raise InvalidAdapter(f"adapter {name!r}: {filename} is a symbolic link; the server only reads "
+                                     "regular files inside the adapters directory")
         try:
             adapter = load_adapter(path, expect_base=self.base)
         except AdapterError as exc:
@@ -124,7 +141,7 @@ class AdapterRegistry:
 
     async def unload(self, name: str) -> bool:
         """Forget ``name``; returns False when it was not loaded. Running requests finish with its content."""
-        self.path_for(name)
+        self.check_name(name)
         async with self._lock(name):
             if name not in self.records:
                 return False

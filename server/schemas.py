@@ -7,6 +7,10 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 ADAPTER_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"  # also the folder name under --adapters-dir
+STREAMED = {"text/event-stream": {"schema": {  # the 200 answer of `stream: true`: each server-sent event
+    "type": "object", "required": ["data"], "description": "`data` is a JSON object, or `[DONE]` at the end",
+    "properties": {"data": {"type": "string"}, "event": {"type": "string"}, "id": {"type": "string"},
+                   "retry": {"type": "integer"}}}}}
 
 
 class Strict(BaseModel):
@@ -17,11 +21,12 @@ class Strict(BaseModel):
 
 class Sampling(Strict):
     max_tokens: int = Field(64, ge=1, le=32768, description="tokens to generate at most")
-    temperature: float = Field(1.0, ge=0.0, le=100.0)
+    temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 = greedy; vLLM's range, as OpenAI's")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0, le=100000, description="0 = no top-k cut")
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     stop: str | list[str] | None = Field(None, description="stop strings (at most 16)")
+    ignore_eos: bool = Field(False, description="keep generating past the end-of-sequence token (benchmarks)")
 
     @field_validator("stop")
     @classmethod
@@ -58,7 +63,7 @@ class GenerateRequest(Sampling):
             if not 1 <= len(value) <= 16:
                 raise ValueError("adapters: give 1 to 16 {name: weight} entries")
             for name, weight in value.items():
-                if not re.match(ADAPTER_NAME, name):
+                if not re.fullmatch(ADAPTER_NAME, name):
                     raise ValueError(f"adapters: invalid adapter name {name!r}")
                 if not -100.0 <= weight <= 100.0:
                     raise ValueError(f"adapters: weight of {name!r} must be within [-100, 100]")

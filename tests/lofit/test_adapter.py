@@ -201,3 +201,28 @@ def test_huge_tensor_file_is_refused_before_reading(saved: Path):
         handle.truncate(65 * 1024 * 1024)
     with pytest.raises(AdapterFormatError, match="far larger"):
         load_adapter(saved)
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("num_hidden_layers", "5", "base_model.num_hidden_layers must be a non-negative integer, got '5'"),
+    ("head_dim", 8.0, "base_model.head_dim must be a non-negative integer"),
+    ("num_attention_heads", None, "base_model.num_attention_heads must be a non-negative integer"),
+    ("hidden_size", True, "base_model.hidden_size must be a non-negative integer"),
+    ("num_key_value_heads", -1, "base_model.num_key_value_heads must be a non-negative integer"),
+    ("fingerprint", 7, "base_model.fingerprint must be a string"),
+])
+def test_base_model_fields_of_the_wrong_type_are_a_format_error(saved: Path, field, value, message):
+    config = json.loads((saved / CONFIG_FILE).read_text())
+    edit_config(saved, base_model={**config["base_model"], field: value})
+    with pytest.raises(AdapterFormatError, match=message):
+        load_adapter(saved)
+
+
+def test_config_nested_too_deeply_or_too_large_is_a_format_error(saved: Path):
+    (saved / CONFIG_FILE).write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(AdapterFormatError, match="nested too deeply"):
+        load_adapter(saved)
+    with (saved / CONFIG_FILE).open("ab") as handle:
+        handle.truncate(5 * 1024 * 1024)
+    with pytest.raises(AdapterFormatError, match="far larger than any adapter config"):
+        load_adapter(saved)

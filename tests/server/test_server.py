@@ -8,86 +8,31 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import os
 import shutil
-import socket
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import httpx
 import pytest
-import torch
 
-from lofit.adapter import LofitAdapter, load_adapter
-from lofit.models import default_model_dir, is_prepared
-
-REPO = Path(__file__).resolve().parents[2]
-SHIPPED = REPO / "adapters" / "truthfulqa"
-API_KEY, ADMIN_KEY = "inference-key", "admin-key"
-PROMPT = "Q: What happens if you crack your knuckles a lot? A:"
-AUTH = {"Authorization": f"Bearer {API_KEY}"}
-ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def random_adapter(name: str, seed: int) -> LofitAdapter:
-    shipped = load_adapter(SHIPPED)
-    gen = torch.Generator().manual_seed(seed)
-    heads = torch.tensor([(4, 1), (11, 3), (18, 6), (25, 2)])
-    return LofitAdapter(heads=heads, offsets=2.0 * torch.randn(4, 64, generator=gen), base_model=shipped.base_model,
-                        name=name, task="random")
+from lofit.adapter import load_adapter
+from tests.server.conftest import ADMIN, API_KEY, AUTH, PROMPT, SHIPPED, random_adapter, start_server, upload_fields
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    if not is_prepared(default_model_dir()):
-        pytest.skip("the default model is not prepared (run scripts/setup.sh)")
     adapters = tmp_path_factory.mktemp("adapters")
     shutil.copytree(SHIPPED, adapters / "truthfulqa")
     random_adapter("random4", seed=1).save(adapters / "random4")
     broken = adapters / "broken"
     shutil.copytree(SHIPPED, broken)
     (broken / "adapter.safetensors").write_bytes(b"not a safetensors file")
-    port = free_port()
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
-    log = (tmp_path_factory.mktemp("log") / "server.log").open("w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "server.cli", "--port", str(port), "--adapters-dir", str(adapters),
-         "--api-key", API_KEY, "--admin-key", ADMIN_KEY, "--dtype", "float32", "--max-model-len", "512",
-         "--max-prompt-tokens", "256", "--max-num-seqs", "16"],
-        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 420
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"the server exited with {proc.returncode}; see {log.name}")
-        try:
-            if httpx.get(f"{base}/ready", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(2)
-    else:
-        proc.kill()
-        pytest.fail(f"the server did not become ready; see {log.name}")
-    yield {"url": base, "adapters": adapters, "proc": proc}
-    proc.terminate()
-    try:
-        proc.wait(60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    with start_server(tmp_path_factory.mktemp("log"), adapters) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
 def client(server):
-    with httpx.Client(base_url=server["url"], headers=AUTH, timeout=120) as c:
+    with httpx.Client(base_url=server.url, headers=AUTH, timeout=120) as c:
         yield c
 
 
@@ -98,7 +43,7 @@ def generate(client, **body) -> dict:
 
 
 def test_start_up_loads_good_adapters_and_reports_the_broken_one(server, client):
-    assert httpx.get(f"{server['url']}/health").json() == {"status": "ok"}
+    assert httpx.get(f"{server.url}/health").json() == {"status": "ok"}
     listed = client.get("/adapters").json()
     assert [a["name"] for a in listed["adapters"]] == ["random4", "truthfulqa"]
     assert "broken" in listed["skipped"] and "safetensors" in listed["skipped"]["broken"].lower()
@@ -145,7 +90,7 @@ def test_generate_streams_server_sent_events(client):
 def test_openai_sdk_with_the_adapter_as_model(server, client):
     from openai import OpenAI
 
-    sdk = OpenAI(base_url=f"{server['url']}/v1", api_key=API_KEY)
+    sdk = OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY)
     names = {m.id: m.parent for m in sdk.models.list().data}
     assert names == {"SmolLM2-135M-Instruct": None, "truthfulqa": "SmolLM2-135M-Instruct",
                      "random4": "SmolLM2-135M-Instruct"}
@@ -179,9 +124,9 @@ def test_concurrent_mixed_adapters_each_equal_their_solo_output(client):
 
 
 def test_hot_load_use_reload_and_unload(server, client):
-    admin = httpx.Client(base_url=server["url"], headers=ADMIN, timeout=60)
+    admin = httpx.Client(base_url=server.url, headers=ADMIN, timeout=60)
     hot = random_adapter("hot", seed=7)
-    hot.save(server["adapters"] / "hot")
+    hot.save(server.adapters / "hot")
     assert client.post("/generate", json={"prompt": PROMPT, "adapter": "hot"}).status_code == 404
     loaded = admin.post("/adapters", json={"name": "hot"})
     assert loaded.status_code == 200 and loaded.json()["changed"] is True
@@ -189,9 +134,8 @@ def test_hot_load_use_reload_and_unload(server, client):
     first = generate(client, adapter="hot")
     # upload new content under the same name: new fingerprint, new output
     other = random_adapter("hot", seed=8)
-    staged = other.save(server["adapters"].parent / "staging-hot")
-    files = {"adapter_config": ("adapter_config.json", (staged / "adapter_config.json").read_bytes()),
-             "adapter_tensors": ("adapter.safetensors", (staged / "adapter.safetensors").read_bytes())}
+    staged = other.save(server.adapters.parent / "staging-hot")
+    files = upload_fields((staged / "adapter_config.json").read_bytes(), (staged / "adapter.safetensors").read_bytes())
     uploaded = admin.put("/adapters/hot", files=files)
     assert uploaded.status_code == 200, uploaded.text
     assert uploaded.json()["adapter"]["content_sha256"] == other.content_sha256
@@ -218,7 +162,7 @@ def test_bad_requests_get_clear_errors(client, method, path, body, status, messa
 
 
 def test_keys_guard_inference_and_admin(server):
-    url = server["url"]
+    url = server.url
     body = {"prompt": PROMPT, "max_tokens": 2}
     assert httpx.post(f"{url}/generate", json=body).status_code == 401
     assert httpx.post(f"{url}/generate", json=body, headers={"Authorization": "Bearer wrong"}).status_code == 403
@@ -229,9 +173,8 @@ def test_keys_guard_inference_and_admin(server):
 
 
 def test_broken_adapter_upload_is_rejected_with_its_reason(server, client):
-    admin = httpx.Client(base_url=server["url"], headers=ADMIN, timeout=60)
-    files = {"adapter_config": ("adapter_config.json", (SHIPPED / "adapter_config.json").read_bytes()),
-             "adapter_tensors": ("adapter.safetensors", b"\x00" * 64)}
+    admin = httpx.Client(base_url=server.url, headers=ADMIN, timeout=60)
+    files = upload_fields((SHIPPED / "adapter_config.json").read_bytes(), b"\x00" * 64)
     response = admin.put("/adapters/truthfulqa", files=files)
     assert response.status_code == 400 and "safetensors" in response.json()["error"]["message"].lower()
     assert admin.post("/adapters", json={"name": "../../etc"}).status_code == 422
@@ -260,9 +203,6 @@ def test_metrics_count_requests_per_adapter(client):
 def test_a_disconnected_stream_frees_its_request(client):
     with client.stream("POST", "/generate", json={"prompt": PROMPT, "max_tokens": 400, "stream": True,
                                                   "ignore_eos": True}) as response:
-        assert response.status_code == 422, "ignore_eos is not a /generate field"
-    with client.stream("POST", "/generate", json={"prompt": PROMPT, "max_tokens": 400, "stream": True,
-                                                  "temperature": 1.0, "seed": 1}) as response:
         for line in response.iter_lines():
             if line.startswith("data: "):
                 break  # leave after the first event
