@@ -9,6 +9,7 @@ import os
 import signal
 import time
 import uuid
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lofit.heads import identity_from_checkpoint
 from lofit.vllm.engine import AdmissionError
@@ -39,6 +41,7 @@ class ServerState:
     ready: bool = False
     dead: str | None = None
     skipped_adapters: dict[str, str] = field(default_factory=dict)
+    stop_server: Callable[[], None] | None = None  # set by lofit-serve: ends uvicorn's loop, draining requests
 
     def not_ready_reason(self) -> str | None:
         if self.dead:
@@ -76,7 +79,10 @@ async def watch_engine(state: ServerState) -> None:
             state.dead = "the engine has stopped"
             log.error("the vLLM engine died; shutting down")
             os.environ["LOFIT_SERVER_FAILED"] = "1"
-            os.kill(os.getpid(), signal.SIGTERM)
+            if state.stop_server is not None:
+                state.stop_server()  # lofit-serve then exits with status 1
+            else:
+                os.kill(os.getpid(), signal.SIGTERM)
             return
 
 
@@ -130,8 +136,9 @@ def _install_errors(app: FastAPI) -> None:
     async def refused(_: Request, exc: AdmissionError) -> JSONResponse:
         return _error(400, str(exc), "invalid_request_error")
 
-    @app.exception_handler(HTTPException)
-    async def http_error(_: Request, exc: HTTPException) -> JSONResponse:
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        """FastAPI's HTTPException and Starlette's own (an unknown route, a wrong method, bad multipart data)."""
         response = _error(exc.status_code, str(exc.detail), "invalid_request_error" if exc.status_code < 500
                           else "server_error")
         response.headers.update(exc.headers or {})
@@ -145,15 +152,51 @@ def _install_errors(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def crashed(_: Request, exc: Exception) -> JSONResponse:
+        from vllm.exceptions import VLLMClientError
         from vllm.v1.engine.exceptions import EngineDeadError
 
         if isinstance(exc, EngineDeadError):
             return _error(503, "the engine has stopped", "server_error")
+        if isinstance(exc, VLLMClientError):  # vLLM refuses the request itself (e.g. a sampling parameter)
+            return _error(400, str(exc), "invalid_request_error")
         log.exception("unhandled error")
         return _error(500, "internal error", "server_error")
 
 
+def _body_limit(settings: Settings, method: str) -> int:
+    """Bytes a request body may have: an upload (PUT) holds two files, anything else is a small JSON body."""
+    return settings.max_upload_bytes * 2 + 65536 if method == "PUT" else settings.max_body_bytes
+
+
+class BodyLimit:
+    """Count a request body as it arrives and refuse it once past the limit. A chunked body has no
+    Content-Length for the check in ``limits_and_logs``; without this it would be read (or, for an upload,
+    spooled to disk) whole before any handler could refuse it."""
+
+    def __init__(self, app: Any, settings: Settings) -> None:
+        self.app, self.settings = app, settings
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit, seen = _body_limit(self.settings, scope["method"]), 0
+
+        async def limited() -> dict:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:  # raised inside the route's body parsing: FastAPI passes HTTPException on
+                    raise HTTPException(400, f"request body larger than {limit} bytes")
+            return message
+
+        await self.app(scope, limited, send)
+
+
 def _install_middleware(app: FastAPI, settings: Settings) -> None:
+    app.add_middleware(BodyLimit, settings=settings)
+
     @app.middleware("http")
     async def limits_and_logs(request: Request, call_next):
         request_id = request.headers.get("x-request-id", "")
@@ -161,7 +204,7 @@ def _install_middleware(app: FastAPI, settings: Settings) -> None:
             request_id = uuid.uuid4().hex
         HTTP_REQUEST_ID.set(request_id)
         started = time.perf_counter()
-        limit = settings.max_upload_bytes * 2 + 65536 if request.method == "PUT" else settings.max_body_bytes
+        limit = _body_limit(settings, request.method)
         length = request.headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > limit):
             response = _error(400, f"request body larger than {limit} bytes", "invalid_request_error")

@@ -59,6 +59,19 @@ def env_name(flag: str) -> str:
     return "LOFIT_" + flag.lstrip("-").replace("-", "_").upper()
 
 
+def check_architecture(parser: argparse.ArgumentParser, model: Path) -> None:
+    """Refuse, before any engine starts, a checkpoint the LoFiT plugin has no wrapper for."""
+    from lofit.vllm.plugin import BASE_ARCHITECTURES, WRAPPERS
+
+    try:
+        architectures = json.loads((model / "config.json").read_text()).get("architectures") or []
+    except (OSError, ValueError, AttributeError) as exc:
+        parser.exit(2, f"lofit-serve: cannot read {model / 'config.json'}: {exc}\n")
+    if not any(a in BASE_ARCHITECTURES or a in WRAPPERS for a in architectures):
+        parser.exit(2, f"lofit-serve: {model} is a {', '.join(architectures) or 'model of unknown architecture'}; "
+                       f"LoFiT's vLLM plugin serves {', '.join(sorted(BASE_ARCHITECTURES))}\n")
+
+
 def parse(argv: list[str] | None = None) -> Settings:
     defaults = Settings()
     parser = argparse.ArgumentParser(prog="lofit-serve", description=__doc__,
@@ -86,7 +99,7 @@ def parse(argv: list[str] | None = None) -> Settings:
     flag("--max-num-seqs", defaults.max_num_seqs, int)
     flag("--max-adapters", defaults.max_adapters, int)
     flag("--max-prompt-tokens", None, int)
-    flag("--kv-cache-gib", None, float, doc="CPU KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE)")
+    flag("--kv-cache-gib", None, int, doc="CPU KV cache size in whole GiB (VLLM_CPU_KVCACHE_SPACE)")
     args, rest = parser.parse_known_args(argv)
     try:
         rest = shlex.split(os.environ.get("LOFIT_ENGINE_ARGS", "")) + rest
@@ -95,6 +108,9 @@ def parse(argv: list[str] | None = None) -> Settings:
     if not (args.model / "config.json").is_file():
         parser.exit(2, f"lofit-serve: {args.model} is not a model directory (no config.json); run "
                        "scripts/setup.sh to prepare the default model\n")
+    check_architecture(parser, args.model)
+    if args.kv_cache_gib is not None and args.kv_cache_gib < 1:
+        parser.exit(2, "lofit-serve: --kv-cache-gib must be a whole number of GiB, at least 1\n")
     if args.api_key is not None and args.api_key == args.admin_key:
         parser.exit(2, "lofit-serve: --api-key and --admin-key must differ\n")
     return Settings(model=args.model, adapters_dir=args.adapters_dir, host=args.host, port=args.port,
@@ -111,10 +127,19 @@ def main(argv: list[str] | None = None) -> None:
 
     settings = parse(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info",
-                timeout_graceful_shutdown=30)
+    app = create_app(settings)
+    server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info",
+                                           timeout_graceful_shutdown=30))
+
+    def stop() -> None:
+        server.should_exit = True
+
+    app.state.lofit.stop_server = stop
+    # SIGTERM/SIGINT: uvicorn stops taking connections, drains running requests (30 s at most), then
+    # re-raises the signal, so the status is 143/130 as for any process ended by it.
+    server.run()
     if os.environ.get("LOFIT_SERVER_FAILED"):
-        sys.exit(1)
+        sys.exit(1)  # the engine died: a failure a supervisor should restart
 
 
 if __name__ == "__main__":

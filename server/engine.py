@@ -38,7 +38,9 @@ def start_engine(settings: Settings) -> Any:
 
     extra = dict(settings.engine_args)
     if current_platform.is_cpu():
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.kv_cache_gib or 1))
+        if settings.kv_cache_gib is not None:  # the flag wins over the environment
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(settings.kv_cache_gib)
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         extra.setdefault("gpu_memory_utilization", 0.1)
     args = lofit_engine_args(settings.model, dtype=settings.dtype, max_model_len=settings.max_model_len,
                              max_num_seqs=settings.max_num_seqs, served_model_name=settings.base_name,

@@ -83,7 +83,8 @@ def score(task: str, backend, items: list, adapter: str | None) -> dict:
 def markdown(report: dict) -> str:
     metric = METRIC.get(report["task"], "accuracy")
     extra = " | MC2" if report["task"] == "truthfulqa" else ""
-    lines = [f"| model | split | {metric}{extra} | items |", "|---|---|---|---|" + ("---|" if extra else "")]
+    heading = {"mc1": "MC1", "exact_match": "exact match"}.get(metric, metric)
+    lines = [f"| model | split | {heading}{extra} | items |", "|---|---|---|---|" + ("---|" if extra else "")]
     for row in report["results"]:
         value = f"{100 * row[metric]:.1f}" + (f" | {100 * row['mc2']:.1f}" if extra else "")
         lines.append(f"| {row['label']} | {row['split']} | {value} | {row['items']} |")
