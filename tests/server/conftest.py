@@ -63,9 +63,10 @@ class Server:
 
 
 @contextmanager
-def start_server(log_dir: Path, adapters_dir: Path, extra_args: Sequence[str] = (), *,
+def start_server(log_dir: Path, adapters_dir: Path, extra_args: Sequence[str] = (), *, keys: bool = True,
                  timeout: float = 420) -> Iterator[Server]:
-    """Run ``lofit-serve`` on a free port until the block ends; waits for ``/ready`` (skips without the model)."""
+    """Run ``lofit-serve`` on a free port until the block ends; waits for ``/ready`` (skips without the model).
+    ``keys=False`` starts it without keys: inference open, adapter administration disabled."""
     if not is_prepared(default_model_dir()):
         pytest.skip("the default model is not prepared (run scripts/setup.sh)")
     port = free_port()
@@ -74,7 +75,7 @@ def start_server(log_dir: Path, adapters_dir: Path, extra_args: Sequence[str] = 
     with log.open("w") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "server.cli", "--port", str(port), "--adapters-dir", str(adapters_dir),
-             "--api-key", API_KEY, "--admin-key", ADMIN_KEY, *SERVER_ARGS, *extra_args],
+             *(("--api-key", API_KEY, "--admin-key", ADMIN_KEY) if keys else ()), *SERVER_ARGS, *extra_args],
             cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
         url = f"http://127.0.0.1:{port}"

@@ -1,6 +1,7 @@
 """Faults a supervisor must see: an engine that dies, and a model the plugin cannot serve.
 
-Each test starts its own ``lofit-serve`` (the first kills its engine, the second never gets one).
+Each test starts its own ``lofit-serve`` (the first, started without keys, kills its engine; the second never
+gets one).
 """
 
 from __future__ import annotations
@@ -24,10 +25,20 @@ def engine_core_pids(server_pid: int) -> list[int]:
             or any("EngineCore" in part for part in (p.cmdline() or []))]
 
 
-def test_a_dead_engine_turns_ready_off_and_the_server_exits_1(tmp_path):
+def test_without_an_admin_key_admin_is_off_and_a_dead_engine_ends_the_server_with_1(tmp_path):
     adapters = tmp_path / "adapters"
     random_adapter("good", seed=3).save(adapters / "good")
-    with start_server(tmp_path, adapters) as server:
+    with start_server(tmp_path, adapters, keys=False) as server:
+        # Without --admin-key the admin routes are disabled (403), whatever is presented; inference is open.
+        for method, path, kwargs in (("POST", "/adapters", {"json": {"name": "good"}}),
+                                     ("DELETE", "/adapters/good", {}),
+                                     ("PUT", "/adapters/good", {"files": {"adapter_config": ("c", b"{}")}})):
+            for headers in ({}, {"Authorization": "Bearer anything"}):
+                response = httpx.request(method, f"{server.url}{path}", headers=headers, timeout=30, **kwargs)
+                assert response.status_code == 403 and "disabled" in response.json()["error"]["message"], (
+                    method, path, response.text)
+        response = httpx.post(f"{server.url}/generate", json={"prompt": "Hi", "max_tokens": 2}, timeout=60)
+        assert response.status_code == 200, response.text
         pids = engine_core_pids(server.proc.pid)
         assert pids, "no engine-core process found under the server"
         for pid in pids:
