@@ -27,7 +27,9 @@ def default_model():
 
 
 def test_adapters_are_shipped():
-    assert [p.name for p in ADAPTERS] == ["truthfulqa"]
+    assert [p.name for p in ADAPTERS] == ["mquake", "truthfulqa"]
+    listed = (ADAPTERS[0].parent / "README.md").read_text()
+    assert all(f"| `{p.name}` |" in listed for p in ADAPTERS), "every shipped adapter is listed with its command"
 
 
 @pytest.mark.parametrize("directory", ADAPTERS, ids=lambda p: p.name)
@@ -37,7 +39,9 @@ def test_shipped_adapter_is_valid_for_the_default_model_and_steers_it(directory,
     assert adapter.name == directory.name
     assert (directory / "heads.png").read_bytes()[:4] == b"\x89PNG"
     assert (directory / "train_report.json").is_file()
-    assert adapter.num_heads == round(0.03 * identity.num_hidden_layers * identity.num_attention_heads)
+    percent = adapter.metadata["hyperparameters"]["heads_percent"]
+    assert percent in (3.0, 10.0)
+    assert adapter.num_heads == round(percent / 100 * identity.num_hidden_layers * identity.num_attention_heads)
     ids = tokenizer("Q: Can pigs fly? A:", return_tensors="pt").input_ids
     with torch.no_grad():
         plain = model(ids).logits[0, -1]
