@@ -16,34 +16,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
-import torch
+from common import ADAPTER_HEADS, machine_info, make_adapters, random_token_prompts
 
-from lofit.adapter import LofitAdapter
-from lofit.heads import identity_from_checkpoint
 from lofit.models import default_model_dir
 
 VARIANTS = ("stock", "plugin, no adapter", "plugin, 1 adapter", "plugin, 16 distinct", "plugin, 64 distinct")
-
-
-def make_adapters(model_dir: Path, count: int, directory: Path) -> list[str]:
-    """``count`` random adapters of 8 heads each (the shipped adapter's size), saved under ``directory``."""
-    identity = identity_from_checkpoint(model_dir, name=model_dir.name)
-    layout = identity.layout
-    paths = []
-    for i in range(count):
-        gen = torch.Generator().manual_seed(i)
-        flat = torch.randperm(layout.num_layers * layout.num_heads, generator=gen)[:8]
-        heads = torch.stack([flat // layout.num_heads, flat % layout.num_heads], dim=1)
-        adapter = LofitAdapter(heads=heads, offsets=0.1 * torch.randn(8, layout.head_dim, generator=gen),
-                               base_model=identity, name=f"bench{i:02d}")
-        paths.append(str(adapter.save(directory / adapter.name)))
-    return paths
 
 
 def extra_args(variant: str, index: int) -> dict | None:
@@ -57,9 +39,8 @@ def run_batch(llm, variant: str, round_index: int, args, vocab: int) -> dict:
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    gen = torch.Generator().manual_seed(1000 * round_index + 1)
-    prompts = [TokensPrompt(prompt_token_ids=torch.randint(10, vocab, (args.prompt_tokens,), generator=gen).tolist())
-               for _ in range(args.requests)]
+    prompts = [TokensPrompt(prompt_token_ids=ids)
+               for ids in random_token_prompts(vocab, args.requests, args.prompt_tokens, 1000 * round_index + 1)]
     params = [SamplingParams(temperature=0, max_tokens=args.output_tokens, ignore_eos=True,
                              extra_args=extra_args(variant, i)) for i in range(args.requests)]
     start = time.perf_counter()
@@ -115,10 +96,9 @@ def main() -> None:
         print(f"| {name} | {value:.3f} | {'≥ ' + str(goals[name]) if name in goals else '—'} |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
-                    "torch": torch.__version__},
+        "machine": machine_info(),
         "settings": {k: str(v) for k, v in vars(args).items()},
-        "adapter_heads": 8,
+        "adapter_heads": ADAPTER_HEADS,
         "samples": samples, "median_output_tokens_per_s": table, "ratios": ratios, "goals": goals,
     }, indent=2))
     print(f"\nwrote {args.out}")
