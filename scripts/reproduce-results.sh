@@ -80,21 +80,19 @@ section_truthfulqa-k10() {
         --adapter "$R/truthfulqa-lofit-k10-f0" --adapter "$R/truthfulqa-iti-k10-f0"
 }
 
-section_arc() {
-    train "$R/arc-lofit-k3" --task arc --heads-percent 3
-    iti "$R/arc-iti-k3" --task arc --heads-percent 3
-    train "$R/arc-random-k3" --task arc --heads-percent 3 --random-heads --seed 42
-    score "$R/arc.json" --task arc \
-        --adapter "$R/arc-lofit-k3" --adapter "$R/arc-iti-k3" --adapter "$R/arc-random-k3"
+# instruction_task TASK: LoFiT, ITI and random heads at K = 3 % on an instruction-format MC task, then scored.
+instruction_task() {
+    local task=$1
+    train "$R/$task-lofit-k3" --task "$task" --heads-percent 3
+    iti "$R/$task-iti-k3" --task "$task" --heads-percent 3
+    train "$R/$task-random-k3" --task "$task" --heads-percent 3 --random-heads --seed 42
+    score "$R/$task.json" --task "$task" \
+        --adapter "$R/$task-lofit-k3" --adapter "$R/$task-iti-k3" --adapter "$R/$task-random-k3"
 }
 
-section_boolq() {
-    train "$R/boolq-lofit-k3" --task boolq --heads-percent 3
-    iti "$R/boolq-iti-k3" --task boolq --heads-percent 3
-    train "$R/boolq-random-k3" --task boolq --heads-percent 3 --random-heads --seed 42
-    score "$R/boolq.json" --task boolq \
-        --adapter "$R/boolq-lofit-k3" --adapter "$R/boolq-iti-k3" --adapter "$R/boolq-random-k3"
-}
+section_arc() { instruction_task arc; }
+
+section_boolq() { instruction_task boolq; }
 
 section_cross-task() {
     # The paper's cross-task localisation: offsets tuned on MQuAKE with TruthfulQA's heads, and on
