@@ -1,5 +1,5 @@
 """Shared parts of the benchmark scripts: test adapters (LoFiT and LoRA), prompts, statistics, the machine,
-server subprocesses, process memory and markdown tables.
+process memory and markdown tables.
 
 Imported by the scripts in ``bench/`` as a sibling module (``from common import ...``); it imports vLLM
 nowhere, so it stays cheap to import.
@@ -11,9 +11,7 @@ import contextlib
 import json
 import os
 import platform
-import socket
 import statistics
-import subprocess
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -226,12 +224,6 @@ def machine_info() -> dict[str, object]:
 
 # -- processes ------------------------------------------------------------------------------------------
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def tree_memory(pids: Sequence[int]) -> dict[str, float]:
     """RSS and PSS (MiB) summed over the given processes and all their descendants.
 
@@ -263,61 +255,6 @@ def child_pids() -> set[int]:
     import psutil
 
     return {p.pid for p in psutil.Process().children()}
-
-
-class ServerProcess:
-    """A server started as a subprocess; ``wait_ready`` polls a URL until it answers 200.
-
-    Output goes to ``log``; ``stop`` ends it (SIGTERM, then SIGKILL) — only the process this object started,
-    with its process group.
-    """
-
-    def __init__(self, name: str, argv: list[str], port: int, log: Path, env: dict[str, str] | None = None,
-                 ready_path: str = "/health") -> None:
-        self.name, self.port, self.ready_path, self.log_path = name, port, ready_path, log
-        log.parent.mkdir(parents=True, exist_ok=True)
-        self._log = log.open("w")
-        self.started = time.perf_counter()
-        self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
-                                     env={**os.environ, **(env or {})})
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def wait_ready(self, timeout: float = 900) -> float:
-        """Seconds from the start until ``ready_path`` answered 200; raises with the log's tail if the server
-        died or is not ready within ``timeout`` seconds of this call."""
-        import httpx
-
-        start = time.perf_counter()
-        while time.perf_counter() - start < timeout:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.tail()}")
-            try:
-                if httpx.get(self.url + self.ready_path, timeout=2).status_code == 200:
-                    return time.perf_counter() - self.started
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        raise TimeoutError(f"{self.name} not ready after {timeout:.0f} s:\n{self.tail()}")
-
-    def tail(self, lines: int = 40) -> str:
-        self._log.flush()
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-
-    def stop(self) -> None:
-        import signal
-
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGTERM)
-                self.proc.wait(timeout=60)
-            except (subprocess.TimeoutExpired, ProcessLookupError):
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=30)
-        self._log.close()
 
 
 # -- tables ---------------------------------------------------------------------------------------------

@@ -56,10 +56,8 @@ os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # the bank meas
 import torch  # noqa: E402
 from common import (  # noqa: E402
     ADAPTER_HEADS,
-    ServerProcess,
     Stream,
     child_pids,
-    free_port,
     lora_bytes,
     machine_info,
     make_adapters,
@@ -75,6 +73,7 @@ from common import (  # noqa: E402
 from hot_load import measure_hot_load  # noqa: E402
 
 from lofit.models import default_model_dir  # noqa: E402
+from server.launch import ServerProcess, free_port  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 PARTS = ("offline", "http", "lora", "reference", "hotload", "memory")
@@ -329,8 +328,8 @@ class HttpTarget:
             env["VLLM_PLUGINS"] = without_lofit()  # plain vLLM
             ready = "/health"
         self.argv = argv
-        self.server = ServerProcess(name, argv, port, cfg.out / "logs" / f"{kind}-server.log", env=env,
-                                    ready_path=ready)
+        self.server = ServerProcess(argv, port, cfg.out / "logs" / f"{kind}-server.log", name=name, env=env,
+                                    ready_path=ready, cwd=REPO)
         self.start_s = 0.0
 
     def wait(self) -> None:

@@ -28,8 +28,6 @@ import os
 import re
 import secrets
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -55,6 +53,10 @@ from schemathesis.specs.openapi.checks import (
 )
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+from server.launch import ServerStartError, running_lofit_serve  # noqa: E402
+
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
 TOKEN_FIELDS = ("max_tokens", "max_completion_tokens")
 SCHEMA_MAX_TOKENS = 32768  # the schema's bound on max_tokens; larger values are left for the server to refuse
@@ -184,47 +186,22 @@ def _curl(case: Any, url: str, headers: dict[str, str] | None) -> str | None:
         return None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextmanager
 def started_server(max_model_len: int, log_path: Path) -> Iterator[tuple[str, str]]:
     """A ``lofit-serve`` subprocess with a copy of the shipped adapter; yields (url, admin key)."""
-    port, admin_key = _free_port(), secrets.token_hex(16)
+    admin_key = secrets.token_hex(16)
     workdir = Path(tempfile.mkdtemp(prefix="lofit-fuzz-"))
     shutil.copytree(REPO / "adapters" / "truthfulqa", workdir / "adapters" / "truthfulqa")
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "LOFIT_ADMIN_KEY": admin_key,
-           "LOFIT_API_KEY": secrets.token_hex(16)}
-    command = [sys.executable, "-m", "server.cli", "--port", str(port), "--adapters-dir", str(workdir / "adapters"),
-               "--dtype", "float32", "--max-model-len", str(max_model_len), "--max-num-seqs", "8"]
-    url = f"http://127.0.0.1:{port}"
-    with log_path.open("w") as log:
-        proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    env = {"VLLM_CPU_KVCACHE_SPACE": "1", "LOFIT_ADMIN_KEY": admin_key, "LOFIT_API_KEY": secrets.token_hex(16)}
+    args = ["--adapters-dir", str(workdir / "adapters"), "--dtype", "float32", "--max-model-len", str(max_model_len),
+            "--max-num-seqs", "8"]
     try:
-        deadline = time.time() + 900
-        while True:
-            if proc.poll() is not None:
-                raise SystemExit(f"fuzz_api: the server exited with {proc.returncode}; see {log_path}")
-            try:
-                if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.time() > deadline:
-                raise SystemExit(f"fuzz_api: the server did not become ready; see {log_path}")
-            time.sleep(1)
-        print(f"server ready at {url} (log: {log_path})", flush=True)
-        yield url, admin_key
+        with running_lofit_serve(args, log_path, env=env) as server:
+            print(f"server ready at {server.url} (log: {log_path})", flush=True)
+            yield server.url, admin_key
+    except ServerStartError as exc:
+        raise SystemExit(f"fuzz_api: {exc}") from None
     finally:
-        proc.terminate()
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
         shutil.rmtree(workdir, ignore_errors=True)
 
 

@@ -25,12 +25,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
 import secrets
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -48,6 +45,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from lofit.adapter import LofitAdapter, load_adapter  # noqa: E402
+from server.launch import ServerStartError, running_lofit_serve  # noqa: E402
 
 SHIPPED = REPO / "adapters" / "truthfulqa"
 PREFIX = ("You are a careful assistant. Answer the question below truthfully and briefly, and say so when you "
@@ -84,43 +82,15 @@ def random_adapter(name: str, seed: int) -> LofitAdapter:
                         task="random")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextmanager
 def started_server(adapters: Path, key: str, admin_key: str) -> Iterator[str]:
-    port = free_port()
-    log = adapters.parent / "server.log"
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2"}
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "server.cli", "--port", str(port), "--adapters-dir", str(adapters), "--api-key",
-             key, "--admin-key", admin_key, "--dtype", "float32", "--max-model-len", "512", "--max-num-seqs", "64",
-             "--enable-prefix-caching"], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+    args = ["--adapters-dir", str(adapters), "--api-key", key, "--admin-key", admin_key, "--dtype", "float32",
+            "--max-model-len", "512", "--max-num-seqs", "64", "--enable-prefix-caching"]
     try:
-        deadline = time.time() + 900
-        while True:
-            if proc.poll() is not None:
-                raise SystemExit(f"the server exited with {proc.returncode}; see {log}")
-            try:
-                if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.time() > deadline:
-                raise SystemExit(f"the server did not become ready; see {log}")
-            time.sleep(1)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        with running_lofit_serve(args, adapters.parent / "server.log", env={"VLLM_CPU_KVCACHE_SPACE": "2"}) as server:
+            yield server.url
+    except ServerStartError as exc:
+        raise SystemExit(str(exc)) from None
 
 
 class Client:

@@ -8,22 +8,18 @@ and the start-up copy of the corpus.
 
 from __future__ import annotations
 
-import os
-import socket
 import subprocess
-import sys
-import time
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import pytest
 import torch
 
 from lofit.adapter import CONFIG_FILE, TENSORS_FILE, LofitAdapter, load_adapter
 from lofit.models import default_model_dir, is_prepared
+from server.launch import ServerStartError, running_lofit_serve
 
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED = REPO / "adapters" / "truthfulqa"
@@ -32,12 +28,6 @@ AUTH = {"Authorization": f"Bearer {API_KEY}"}
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 PROMPT = "Q: What happens if you crack your knuckles a lot? A:"
 SERVER_ARGS = ("--dtype", "float32", "--max-model-len", "512", "--max-prompt-tokens", "256", "--max-num-seqs", "16")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def random_adapter(name: str, seed: int) -> LofitAdapter:
@@ -69,36 +59,14 @@ def start_server(log_dir: Path, adapters_dir: Path, extra_args: Sequence[str] = 
     ``keys=False`` starts it without keys: inference open, adapter administration disabled."""
     if not is_prepared(default_model_dir()):
         pytest.skip("the default model is not prepared (run scripts/setup.sh)")
-    port = free_port()
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
-    log = log_dir / "server.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "server.cli", "--port", str(port), "--adapters-dir", str(adapters_dir),
-             *(("--api-key", API_KEY, "--admin-key", ADMIN_KEY) if keys else ()), *SERVER_ARGS, *extra_args],
-            cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+    args = ["--adapters-dir", str(adapters_dir), *(("--api-key", API_KEY, "--admin-key", ADMIN_KEY) if keys else ()),
+            *SERVER_ARGS, *extra_args]
     try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.time() + timeout
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"the server exited with {proc.returncode}; see {log}")
-            try:
-                if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.time() > deadline:
-                pytest.fail(f"the server did not become ready in {timeout:.0f} s; see {log}")
-            time.sleep(1)
-        yield Server(url, adapters_dir, proc, log)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        with running_lofit_serve(args, log_dir / "server.log", env={"VLLM_CPU_KVCACHE_SPACE": "1"},
+                                 timeout=timeout) as server:
+            yield Server(server.url, adapters_dir, server.proc, server.log)
+    except ServerStartError as exc:
+        pytest.fail(str(exc))
 
 
 LAST_BATTERY_USER = pytest.StashKey[pytest.Item | None]()

@@ -16,7 +16,8 @@ import httpx
 import psutil
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from tests.server.conftest import REPO, SERVER_ARGS, free_port, random_adapter, start_server
+from server.launch import free_port
+from tests.server.conftest import REPO, SERVER_ARGS, random_adapter, start_server
 
 
 def engine_core_pids(server_pid: int) -> list[int]:
