@@ -80,14 +80,19 @@ section_truthfulqa-k10() {
         --adapter "$R/truthfulqa-lofit-k10-f0" --adapter "$R/truthfulqa-iti-k10-f0"
 }
 
-# instruction_task TASK: LoFiT, ITI and random heads at K = 3 % on an instruction-format MC task, then scored.
+# instruction_task TASK: LoFiT, ITI and random heads at K = 3 % and 10 % on an instruction-format MC task (K = 10 %
+# LoFiT tunes offsets on the K = 3 % run's stage-1 ranking, as for MQuAKE), all scored in one lofit-eval run.
 instruction_task() {
     local task=$1
     train "$R/$task-lofit-k3" --task "$task" --heads-percent 3
+    train "$R/$task-lofit-k10" --task "$task" --heads-percent 10 --heads-from "$R/$task-lofit-k3"
     iti "$R/$task-iti-k3" --task "$task" --heads-percent 3
+    iti "$R/$task-iti-k10" --task "$task" --heads-percent 10
     train "$R/$task-random-k3" --task "$task" --heads-percent 3 --random-heads --seed 42
+    train "$R/$task-random-k10" --task "$task" --heads-percent 10 --random-heads --seed 42
     score "$R/$task.json" --task "$task" \
-        --adapter "$R/$task-lofit-k3" --adapter "$R/$task-iti-k3" --adapter "$R/$task-random-k3"
+        --adapter "$R/$task-lofit-k3" --adapter "$R/$task-iti-k3" --adapter "$R/$task-random-k3" \
+        --adapter "$R/$task-lofit-k10" --adapter "$R/$task-iti-k10" --adapter "$R/$task-random-k10"
 }
 
 section_arc() { instruction_task arc; }
