@@ -3,8 +3,8 @@
 #
 #   bash scripts/reproduce-results.sh [SECTION ...]
 #
-# Sections (default: all, in this order): mquake truthfulqa-f1 truthfulqa-f0 arc truthfulqa-k10 boolq
-# cross-task. Every run writes under runs/results/ and is skipped when its output already exists, so an
+# Sections (default: all, in this order): mquake truthfulqa-f1 truthfulqa-f0 arc boolq truthfulqa-k10 arc-k10
+# boolq-k10 cross-task. Every run writes under runs/results/ and is skipped when its output already exists, so an
 # interrupted run resumes where it stopped. On a 2-core CPU the whole set takes several hours (the
 # TruthfulQA scoring pass alone is about 7 minutes per model); each section prints its wall time.
 set -euo pipefail
@@ -80,24 +80,26 @@ section_truthfulqa-k10() {
         --adapter "$R/truthfulqa-lofit-k10-f0" --adapter "$R/truthfulqa-iti-k10-f0"
 }
 
-# instruction_task TASK: LoFiT, ITI and random heads at K = 3 % and 10 % on an instruction-format MC task (K = 10 %
-# LoFiT tunes offsets on the K = 3 % run's stage-1 ranking, as for MQuAKE), all scored in one lofit-eval run.
+# instruction_task TASK PERCENT: LoFiT, ITI and random heads at K = PERCENT % on an instruction-format MC task,
+# all scored in one lofit-eval run (the base model with K = 3 %). Every method sees the same INSTRUCT_TRAIN
+# training rows (a seeded sample; the rest of the file is unused). K = 10 % LoFiT tunes offsets on the K = 3 %
+# run's stage-1 ranking, as for MQuAKE.
+INSTRUCT_TRAIN=${INSTRUCT_TRAIN:-300}
 instruction_task() {
-    local task=$1
-    train "$R/$task-lofit-k3" --task "$task" --heads-percent 3
-    train "$R/$task-lofit-k10" --task "$task" --heads-percent 10 --heads-from "$R/$task-lofit-k3"
-    iti "$R/$task-iti-k3" --task "$task" --heads-percent 3
-    iti "$R/$task-iti-k10" --task "$task" --heads-percent 10
-    train "$R/$task-random-k3" --task "$task" --heads-percent 3 --random-heads --seed 42
-    train "$R/$task-random-k10" --task "$task" --heads-percent 10 --random-heads --seed 42
-    score "$R/$task.json" --task "$task" \
-        --adapter "$R/$task-lofit-k3" --adapter "$R/$task-iti-k3" --adapter "$R/$task-random-k3" \
-        --adapter "$R/$task-lofit-k10" --adapter "$R/$task-iti-k10" --adapter "$R/$task-random-k10"
+    local task=$1 k=$2 extra=() base=()
+    [[ $k == 3 ]] || { extra=(--heads-from "$R/$task-lofit-k3"); base=(--no-base); }
+    train "$R/$task-lofit-k$k" --task "$task" --train-size "$INSTRUCT_TRAIN" --heads-percent "$k" "${extra[@]}"
+    iti "$R/$task-iti-k$k" --task "$task" --limit "$INSTRUCT_TRAIN" --heads-percent "$k"
+    train "$R/$task-random-k$k" --task "$task" --train-size "$INSTRUCT_TRAIN" --heads-percent "$k" \
+        --random-heads --seed 42
+    score "$R/$task-k$k.json" --task "$task" "${base[@]}" \
+        --adapter "$R/$task-lofit-k$k" --adapter "$R/$task-iti-k$k" --adapter "$R/$task-random-k$k"
 }
 
-section_arc() { instruction_task arc; }
-
-section_boolq() { instruction_task boolq; }
+section_arc() { instruction_task arc 3; }
+section_boolq() { instruction_task boolq 3; }
+section_arc-k10() { instruction_task arc 10; }
+section_boolq-k10() { instruction_task boolq 10; }
 
 section_cross-task() {
     # The paper's cross-task localisation: offsets tuned on MQuAKE with TruthfulQA's heads, and on
@@ -112,7 +114,7 @@ section_cross-task() {
 }
 
 sections=("$@")
-[[ ${#sections[@]} -eq 0 ]] && sections=(mquake truthfulqa-f1 truthfulqa-f0 arc truthfulqa-k10 boolq cross-task)
+[[ ${#sections[@]} -eq 0 ]] && sections=(mquake truthfulqa-f1 truthfulqa-f0 arc boolq truthfulqa-k10 arc-k10 boolq-k10 cross-task)
 for section in "${sections[@]}"; do
     declare -F "section_$section" >/dev/null || { echo "unknown section: $section" >&2; exit 2; }
 done
