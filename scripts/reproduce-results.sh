@@ -83,11 +83,14 @@ section_truthfulqa-k10() {
 # instruction_task TASK PERCENT: LoFiT, ITI and random heads at K = PERCENT % on an instruction-format MC task,
 # all scored in one lofit-eval run (the base model with K = 3 %). Every method sees the same INSTRUCT_TRAIN
 # training rows (a seeded sample; the rest of the file is unused). K = 10 % LoFiT tunes offsets on the K = 3 %
-# run's stage-1 ranking, as for MQuAKE.
+# run's stage-1 ranking, as for MQuAKE. BoolQ is scored on a seeded sample of BOOLQ_EVAL of its 3,270
+# validation questions (ARC on all 1,172 test questions).
 INSTRUCT_TRAIN=${INSTRUCT_TRAIN:-300}
+BOOLQ_EVAL=${BOOLQ_EVAL:-1000}
 instruction_task() {
     local task=$1 k=$2 extra=() base=()
     [[ $k == 3 ]] || { extra=(--heads-from "$R/$task-lofit-k3"); base=(--no-base); }
+    [[ $task == boolq ]] && base+=(--limit "$BOOLQ_EVAL")
     train "$R/$task-lofit-k$k" --task "$task" --train-size "$INSTRUCT_TRAIN" --heads-percent "$k" "${extra[@]}"
     iti "$R/$task-iti-k$k" --task "$task" --limit "$INSTRUCT_TRAIN" --heads-percent "$k"
     train "$R/$task-random-k$k" --task "$task" --train-size "$INSTRUCT_TRAIN" --heads-percent "$k" \
