@@ -128,6 +128,12 @@ def text_prompts(tokenizer, count: int, length: int, seed: int, attempts: int = 
     return prompts
 
 
+def greedy_generate(model, ids: torch.Tensor, tokens: int) -> torch.Tensor:
+    """transformers ``generate`` of exactly ``tokens`` greedy tokens after every (unpadded) row of ``ids``."""
+    return model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=tokens,
+                          min_new_tokens=tokens, pad_token_id=model.config.eos_token_id)
+
+
 # -- statistics -----------------------------------------------------------------------------------------
 
 def percentile(values: Sequence[float], q: float) -> float:

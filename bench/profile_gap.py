@@ -35,7 +35,7 @@ if __name__ == "__main__":  # the engine stays in this process, so the profiler 
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 
 import torch  # noqa: E402
-from common import machine_info, make_adapters, md_table, random_token_prompts  # noqa: E402
+from common import greedy_generate, machine_info, make_adapters, md_table, random_token_prompts  # noqa: E402
 
 from lofit.models import default_model_dir  # noqa: E402
 
@@ -119,9 +119,7 @@ def run_reference(args: argparse.Namespace, paths: list[str], prompts: list[list
     def once() -> tuple[float, int]:
         with apply_adapters(model, adapters), torch.inference_mode():
             start = time.perf_counter()
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                 max_new_tokens=args.output_tokens, min_new_tokens=args.output_tokens,
-                                 pad_token_id=model.config.eos_token_id)
+            out = greedy_generate(model, ids, args.output_tokens)
             return time.perf_counter() - start, (out.shape[1] - ids.shape[1]) * len(prompts)
 
     once()

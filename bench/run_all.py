@@ -58,6 +58,7 @@ from common import (  # noqa: E402
     ADAPTER_HEADS,
     Stream,
     child_pids,
+    greedy_generate,
     lora_bytes,
     machine_info,
     make_adapters,
@@ -73,7 +74,7 @@ from common import (  # noqa: E402
 from hot_load import measure_hot_load  # noqa: E402
 
 from lofit.models import default_model_dir  # noqa: E402
-from server.launch import ServerProcess, free_port  # noqa: E402
+from server.launch import ServerProcess, free_port, lofit_serve_argv  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 PARTS = ("offline", "http", "lora", "reference", "hotload", "memory")
@@ -315,16 +316,17 @@ class HttpTarget:
     def __init__(self, name: str, kind: str, cfg: Config, tokenizer: Any, gpu_share: float) -> None:
         self.name, self.kind, self.cfg, self.tokenizer = name, kind, cfg, tokenizer
         port = free_port()
-        common = ["--model", str(cfg.model), "--host", "127.0.0.1", "--port", str(port), "--dtype", cfg.dtype,
+        common = ["--model", str(cfg.model), "--host", "127.0.0.1", "--dtype", cfg.dtype,
                   "--max-model-len", str(cfg.max_model_len), "--max-num-seqs", str(cfg.max_seqs), "--seed", "0",
                   "--gpu-memory-utilization", str(gpu_share)]
         env = {"VLLM_CPU_KVCACHE_SPACE": str(cfg.kv_cache_gib), "VLLM_WORKER_MULTIPROC_METHOD": "fork"}
         if kind == "lofit":
-            argv = [sys.executable, "-m", "server.cli", *common, "--adapters-dir", str(cfg.work / "adapters"),
-                    "--admin-key", ADMIN_KEY, "--kv-cache-gib", str(cfg.kv_cache_gib)]
+            argv = lofit_serve_argv(port, [*common, "--adapters-dir", str(cfg.work / "adapters"),
+                                           "--admin-key", ADMIN_KEY, "--kv-cache-gib", str(cfg.kv_cache_gib)])
             ready = "/ready"
         else:
-            argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", *common, "--served-model-name", "base"]
+            argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--port", str(port), *common,
+                    "--served-model-name", "base"]
             env["VLLM_PLUGINS"] = without_lofit()  # plain vLLM
             ready = "/health"
         self.argv = argv
@@ -405,9 +407,7 @@ class ReferenceTarget:
         try:
             with apply_adapters(self.model, adapters, strengths, check_fingerprint=False), torch.inference_mode():
                 start = time.perf_counter()
-                out = self.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                          max_new_tokens=self.cfg.output_tokens, min_new_tokens=self.cfg.output_tokens,
-                                          pad_token_id=self.model.config.eos_token_id)
+                out = greedy_generate(self.model, ids, self.cfg.output_tokens)
                 if self.device == "cuda":
                     torch.cuda.synchronize()
                 seconds = time.perf_counter() - start

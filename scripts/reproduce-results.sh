@@ -4,8 +4,8 @@
 #   bash scripts/reproduce-results.sh [SECTION ...]
 #
 # Sections (default: all, in this order): mquake truthfulqa-f1 truthfulqa-f0 arc boolq truthfulqa-k10 arc-k10
-# boolq-k10 cross-task mquake-iti-alpha. Every run writes under runs/results/ and is skipped when its output already exists, so an
-# interrupted run resumes where it stopped. On a 2-core CPU the whole set takes several hours (the
+# boolq-k10 cross-task mquake-iti-alpha. Every run writes under runs/results/ and is skipped when its output
+# already exists, so an interrupted run resumes where it stopped. On a 2-core CPU the whole set takes several hours (the
 # TruthfulQA scoring pass alone is about 7 minutes per model); each section prints its wall time.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -88,14 +88,14 @@ section_truthfulqa-k10() {
 INSTRUCT_TRAIN=${INSTRUCT_TRAIN:-300}
 BOOLQ_EVAL=${BOOLQ_EVAL:-1000}
 instruction_task() {
-    local task=$1 k=$2 extra=() base=()
-    [[ $k == 3 ]] || { extra=(--heads-from "$R/$task-lofit-k3"); base=(--no-base); }
-    [[ $task == boolq ]] && base+=(--limit "$BOOLQ_EVAL")
-    train "$R/$task-lofit-k$k" --task "$task" --train-size "$INSTRUCT_TRAIN" --heads-percent "$k" "${extra[@]}"
+    local task=$1 k=$2 heads_from=() eval_args=()
+    [[ $k == 3 ]] || { heads_from=(--heads-from "$R/$task-lofit-k3"); eval_args=(--no-base); }
+    [[ $task == boolq ]] && eval_args+=(--limit "$BOOLQ_EVAL")
+    train "$R/$task-lofit-k$k" --task "$task" --train-size "$INSTRUCT_TRAIN" --heads-percent "$k" "${heads_from[@]}"
     iti "$R/$task-iti-k$k" --task "$task" --limit "$INSTRUCT_TRAIN" --heads-percent "$k"
     train "$R/$task-random-k$k" --task "$task" --train-size "$INSTRUCT_TRAIN" --heads-percent "$k" \
         --random-heads --seed 42
-    score "$R/$task-k$k.json" --task "$task" "${base[@]}" \
+    score "$R/$task-k$k.json" --task "$task" "${eval_args[@]}" \
         --adapter "$R/$task-lofit-k$k" --adapter "$R/$task-iti-k$k" --adapter "$R/$task-random-k$k"
 }
 
