@@ -231,7 +231,7 @@ def machine_info() -> dict[str, object]:
 # -- processes ------------------------------------------------------------------------------------------
 
 def tree_memory(pids: Sequence[int]) -> dict[str, float]:
-    """RSS and PSS (MiB) summed over the given processes and all their descendants.
+    """RSS and PSS (MiB) summed over the given processes and all their descendants (``each``: per process).
 
     RSS counts shared pages (torch's libraries) once per process; PSS splits them fairly.
     """
@@ -246,14 +246,17 @@ def tree_memory(pids: Sequence[int]) -> dict[str, float]:
         for p in [proc, *proc.children(recursive=True)]:
             seen[p.pid] = p
     rss = pss = 0
+    each: list[dict[str, object]] = []
     for proc in seen.values():
         try:
             full = proc.memory_full_info()
+            name = proc.name()
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
         rss += full.rss
         pss += getattr(full, "pss", full.rss)
-    return {"processes": len(seen), "rss_mib": rss / 2**20, "pss_mib": pss / 2**20}
+        each.append({"name": name, "rss_mib": full.rss / 2**20, "pss_mib": getattr(full, "pss", full.rss) / 2**20})
+    return {"processes": len(seen), "rss_mib": rss / 2**20, "pss_mib": pss / 2**20, "each": each}
 
 
 def child_pids() -> set[int]:

@@ -727,6 +727,9 @@ def memory_tables(memory: dict) -> str:
     if memory["rss"]:
         parts.append(md_table(["process tree", "processes", "RSS MiB", "PSS MiB"],
                               [[m["what"], m["processes"], m["rss_mib"], m["pss_mib"]] for m in memory["rss"]]))
+        parts.append(md_table(["process tree", "process", "RSS MiB", "PSS MiB"],
+                              [[m["what"], p["name"], p["rss_mib"], p["pss_mib"]]
+                               for m in memory["rss"] for p in m.get("each", [])]))
     return "\n\n".join(parts)
 
 
