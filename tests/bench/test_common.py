@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -18,6 +21,7 @@ from bench.common import (
     random_adapter,
     summarise,
     text_prompts,
+    tree_memory,
 )
 
 
@@ -82,3 +86,30 @@ def test_text_prompts_have_the_asked_length():
 
 def test_md_table():
     assert md_table(["a", "b"], [["x", 1.234], ["y", None]]) == "| a | b |\n|---|---|\n| x | 1.2 |\n| y | — |"
+
+
+def test_tree_memory_sums_a_process_tree_and_lists_each_process():
+    """A child and its grandchild (which holds 64 MiB) are each counted once, with their names."""
+    psutil = pytest.importorskip("psutil")
+    grandchild = "import time; b = b'x' * (64 << 20); print(flush=True); time.sleep(60)"
+    child = (f"import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', {grandchild!r}]); "
+             "time.sleep(60)")
+    proc = subprocess.Popen([sys.executable, "-c", child])
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            kids = psutil.Process(proc.pid).children()
+            if kids and kids[0].memory_info().rss > 64 << 20:
+                break
+            time.sleep(0.05)
+        memory = tree_memory([proc.pid, proc.pid])
+        assert memory["processes"] == 2 and len(memory["each"]) == 2
+        assert all(p["name"].startswith("python") for p in memory["each"])
+        assert max(p["rss_mib"] for p in memory["each"]) > 64
+        assert memory["rss_mib"] == pytest.approx(sum(p["rss_mib"] for p in memory["each"]))
+        assert memory["pss_mib"] == pytest.approx(sum(p["pss_mib"] for p in memory["each"]))
+    finally:
+        for kid in psutil.Process(proc.pid).children(recursive=True):
+            kid.kill()
+        proc.kill()
+        proc.wait()
