@@ -245,18 +245,15 @@ def tree_memory(pids: Sequence[int]) -> dict[str, float]:
             continue
         for p in [proc, *proc.children(recursive=True)]:
             seen[p.pid] = p
-    rss = pss = 0
     each: list[dict[str, object]] = []
     for proc in seen.values():
         try:
-            full = proc.memory_full_info()
-            name = proc.name()
+            full, name = proc.memory_full_info(), proc.name()
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
-        rss += full.rss
-        pss += getattr(full, "pss", full.rss)
         each.append({"name": name, "rss_mib": full.rss / 2**20, "pss_mib": getattr(full, "pss", full.rss) / 2**20})
-    return {"processes": len(seen), "rss_mib": rss / 2**20, "pss_mib": pss / 2**20, "each": each}
+    return {"processes": len(seen), "rss_mib": sum(p["rss_mib"] for p in each),
+            "pss_mib": sum(p["pss_mib"] for p in each), "each": each}
 
 
 def child_pids() -> set[int]:

@@ -5,8 +5,8 @@
 #
 # Sections (default: all, in this order): mquake truthfulqa-f1 truthfulqa-f0 arc boolq truthfulqa-k10 arc-k10
 # boolq-k10 cross-task mquake-iti-alpha. Every run writes under runs/results/ and is skipped when its output
-# already exists, so an interrupted run resumes where it stopped. On a 2-core CPU the whole set takes several hours (the
-# TruthfulQA scoring pass alone is about 7 minutes per model); each section prints its wall time.
+# already exists, so an interrupted run resumes where it stopped. On a 2-core CPU the whole set takes several
+# hours (the TruthfulQA scoring pass alone is about 7 minutes per model); each section prints its wall time.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

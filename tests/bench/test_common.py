@@ -91,7 +91,7 @@ def test_md_table():
 def test_tree_memory_sums_a_process_tree_and_lists_each_process():
     """A child and its grandchild (which holds 64 MiB) are each counted once, with their names."""
     psutil = pytest.importorskip("psutil")
-    grandchild = "import time; b = b'x' * (64 << 20); print(flush=True); time.sleep(60)"
+    grandchild = "import time; b = b'x' * (64 << 20); time.sleep(60)"
     child = (f"import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', {grandchild!r}]); "
              "time.sleep(60)")
     proc = subprocess.Popen([sys.executable, "-c", child])

@@ -7,15 +7,13 @@ import json
 import os
 import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))  # the script imports its sibling common.py
-_environ = dict(os.environ)
-from run_all import goals, parse_args, report  # noqa: E402
-
-os.environ.clear()  # run_all sets vLLM's process start method at import: keep it out of the other tests
-os.environ.update(_environ)
+with mock.patch.dict(os.environ):  # run_all sets vLLM's process start method at import: keep it out of other tests
+    from run_all import goals, parse_args, report
 
 RUN = Path(__file__).resolve().parents[2] / "docs" / "benchmarks" / "2026-11-27-cpu"
 
