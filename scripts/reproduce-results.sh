@@ -3,10 +3,11 @@
 #
 #   bash scripts/reproduce-results.sh [SECTION ...]
 #
-# Sections (default: all, in this order): mquake truthfulqa-f1 truthfulqa-f0 arc boolq truthfulqa-k10 arc-k10
-# boolq-k10 cross-task mquake-iti-alpha. Every run writes under runs/results/ and is skipped when its output
-# already exists, so an interrupted run resumes where it stopped. On a 2-core CPU the whole set takes several
-# hours (the TruthfulQA scoring pass alone is about 7 minutes per model); each section prints its wall time.
+# Sections (default: all, in this order): mquake truthfulqa-f1 truthfulqa-f0 arc boolq truthfulqa-k10
+# truthfulqa-k10-f1 arc-k10 boolq-k10 cross-task mquake-iti-alpha. Every run writes under runs/results/ and
+# is skipped when its output already exists, so an interrupted run resumes where it stopped. On a 2-core CPU
+# the whole set takes several hours (the TruthfulQA scoring pass alone is about 7 minutes per model); each
+# section prints its wall time.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -80,6 +81,15 @@ section_truthfulqa-k10() {
         --adapter "$R/truthfulqa-lofit-k10-f0" --adapter "$R/truthfulqa-iti-k10-f0"
 }
 
+section_truthfulqa-k10-f1() {
+    # Fold 1 at K = 10 %: stage 2 on the fold-1 K = 3 % run's stage-1 ranking, ITI at the same size.
+    train "$R/truthfulqa-lofit-k10-f1" --task truthfulqa --fold 1 --heads-percent 10 \
+        --heads-from "$R/truthfulqa-lofit-k3-f1"
+    iti "$R/truthfulqa-iti-k10-f1" --task truthfulqa --fold 1 --heads-percent 10 --alpha 15
+    score "$R/truthfulqa-k10-f1.json" --task truthfulqa --fold 1 --no-base \
+        --adapter "$R/truthfulqa-lofit-k10-f1" --adapter "$R/truthfulqa-iti-k10-f1"
+}
+
 # instruction_task TASK PERCENT: LoFiT, ITI and random heads at K = PERCENT % on an instruction-format MC task,
 # all scored in one lofit-eval run (the base model with K = 3 %). Every method sees the same INSTRUCT_TRAIN
 # training rows (a seeded sample; the rest of the file is unused). K = 10 % LoFiT tunes offsets on the K = 3 %
@@ -134,7 +144,7 @@ section_cross-task() {
 }
 
 sections=("$@")
-[[ ${#sections[@]} -eq 0 ]] && sections=(mquake truthfulqa-f1 truthfulqa-f0 arc boolq truthfulqa-k10 arc-k10 boolq-k10 cross-task mquake-iti-alpha)
+[[ ${#sections[@]} -eq 0 ]] && sections=(mquake truthfulqa-f1 truthfulqa-f0 arc boolq truthfulqa-k10 truthfulqa-k10-f1 arc-k10 boolq-k10 cross-task mquake-iti-alpha)
 for section in "${sections[@]}"; do
     declare -F "section_$section" >/dev/null || { echo "unknown section: $section" >&2; exit 2; }
 done
