@@ -80,13 +80,17 @@ def score(task: str, backend, items: list, adapter: str | None) -> dict:
     return evaluate_generation(backend, task, items, adapter)
 
 
+SECOND_METRIC = {"truthfulqa": ("mc2", "MC2"), "mquake": ("exact_match_stripped", "stripped (diagnostic)")}
+
+
 def markdown(report: dict) -> str:
     metric = METRIC.get(report["task"], "accuracy")
-    extra = " | MC2" if report["task"] == "truthfulqa" else ""
+    second, second_heading = SECOND_METRIC.get(report["task"], (None, ""))
+    extra = f" | {second_heading}" if second else ""
     heading = {"mc1": "MC1", "exact_match": "exact match"}.get(metric, metric)
     lines = [f"| model | split | {heading}{extra} | items |", "|---|---|---|---|" + ("---|" if extra else "")]
     for row in report["results"]:
-        value = f"{100 * row[metric]:.1f}" + (f" | {100 * row['mc2']:.1f}" if extra else "")
+        value = f"{100 * row[metric]:.1f}" + (f" | {100 * row[second]:.1f}" if second else "")
         lines.append(f"| {row['label']} | {row['split']} | {value} | {row['items']} |")
     return "\n".join(lines) + "\n"
 

@@ -4,7 +4,8 @@ Greedy decoding, 16 new tokens; the prompt is the training prompt. The predictio
 prompt + completion exactly as the LoFiT code reads it, so numbers are comparable:
 
 * MQuAKE: the text after the **last** ``"A:"``, up to the first newline, lower-cased, **not** stripped;
-  correct iff it is the new answer or one of its aliases (lower-cased).
+  correct iff it is the new answer or one of its aliases (lower-cased). A second, stripped score
+  (``exact_match_stripped``) is reported beside it as a diagnostic: how much of a miss is a leading space.
 * CLUTRR: the text after the first ``"'s\\n"``, up to the first ``"."``, stripped and lower-cased; correct iff
   it equals the target.
 * GSM8K: the last number in the completion (commas removed), compared with the number after ``####``.
@@ -31,9 +32,11 @@ def mquake_prediction(decoded: str) -> str:
     return decoded.split("A:")[-1].split("\n")[0].lower()
 
 
-def mquake_correct(decoded: str, case: dict[str, Any]) -> bool:
+def mquake_correct(decoded: str, case: dict[str, Any], strip: bool = False) -> bool:
+    """The reference's rule; ``strip=True`` also forgives whitespace around the prediction (diagnostic)."""
     gold = {case["new_answer"].lower(), *(a.lower() for a in case.get("new_answer_alias", []))}
-    return mquake_prediction(decoded) in gold
+    prediction = mquake_prediction(decoded)
+    return (prediction.strip() if strip else prediction) in gold
 
 
 def clutrr_prediction(decoded: str) -> str:
@@ -93,5 +96,48 @@ def evaluate_generation(backend, task: str, items: list[dict[str, Any]], adapter
         prompts = [prompt_of(item) for item in items]
         completions = backend.greedy(prompts, NEW_TOKENS, adapter)
         correct = [check(p + c, item) for p, c, item in zip(prompts, completions, items, strict=True)]
-    return {"exact_match": sum(correct) / len(items), "items": len(items),
-            "predictions": [c[:200] for c in completions]}
+    result = {"exact_match": sum(correct) / len(items), "items": len(items),
+              "predictions": [c[:200] for c in completions]}
+    if task == "mquake":
+        result["exact_match_stripped"] = mquake_stripped(completions, items)
+    return result
+
+
+def mquake_stripped(completions: list[str], cases: list[dict[str, Any]]) -> float:
+    """MQuAKE exact match with the prediction stripped (a diagnostic beside the reference's score)."""
+    hits = [mquake_correct(mquake.prompt_of(case) + c, case, strip=True)
+            for c, case in zip(completions, cases, strict=True)]
+    return sum(hits) / len(cases)
+
+
+def rescore_mquake(report: str | Path) -> list[tuple[str, float, float]]:
+    """(label, exact match, stripped exact match) for every model of a saved MQuAKE report, recomputed
+    from its predictions on the packaged split it was scored on."""
+    data = json.loads(require_file(Path(report)).read_text())
+    if data.get("task") != "mquake":
+        raise TaskError(f"{report} is a {data.get('task')!r} report, not mquake")
+    rows = []
+    for result in data["results"]:
+        cases = load_generation_items("mquake", split=result["split"], limit=data.get("limit"),
+                                      seed=data.get("seed", 0))
+        if len(cases) != len(result["predictions"]):
+            raise TaskError(f"{report}: {result['label']} has {len(result['predictions'])} predictions "
+                            f"for {len(cases)} cases")
+        strict = [mquake_correct(mquake.prompt_of(case) + p, case)
+                  for p, case in zip(result["predictions"], cases, strict=True)]
+        rows.append((result["label"], sum(strict) / len(cases), mquake_stripped(result["predictions"], cases)))
+    return rows
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) < 2:
+        sys.exit("usage: python -m lofit.eval.exact_match MQUAKE_REPORT.json [...]")
+    for path in sys.argv[1:]:
+        try:
+            rows = rescore_mquake(path)
+        except TaskError as error:
+            sys.exit(f"error: {error}")
+        for label, strict, stripped in rows:
+            print(f"{path}\t{label}\texact_match {100 * strict:.1f}\tstripped {100 * stripped:.1f}")

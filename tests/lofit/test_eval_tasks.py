@@ -17,15 +17,20 @@ from lofit.eval.choice import (
     choice_accuracy,
     load_choice_items,
 )
+from lofit.eval.cli import markdown
 from lofit.eval.exact_match import (
     clutrr_correct,
     clutrr_prediction,
+    evaluate_generation,
     gsm8k_gold,
     gsm8k_number,
+    load_generation_items,
     mquake_correct,
     mquake_prediction,
+    rescore_mquake,
 )
 from lofit.eval.truthfulqa import answer_logprobs, evaluate_truthfulqa, format_answer, question_context
+from lofit.tasks.base import TaskError
 from lofit.tasks.truthfulqa import TruthfulQAItem
 
 
@@ -36,6 +41,49 @@ def test_mquake_reads_after_the_last_answer_marker_and_does_not_strip():
     assert mquake_correct(prompt + "Sweden\nQ: more", case)
     assert mquake_correct(prompt + "sverige\n", case)
     assert not mquake_correct(prompt + " Sweden\n", case), "a leading space makes it wrong, as in the reference"
+    assert mquake_correct(prompt + " Sweden\n", case, strip=True), "the stripped diagnostic forgives it"
+    assert not mquake_correct(prompt + " Norway\n", case, strip=True)
+
+
+class _FixedGreedy:
+    """A backend boundary stand-in: returns the given completions for the prompts it is handed."""
+
+    def __init__(self, completions):
+        self.completions = completions
+
+    def greedy(self, prompts, new_tokens, adapter):
+        assert len(prompts) == len(self.completions)
+        return self.completions
+
+
+def _mquake_report(tmp_path, predictions, limit):
+    report = {"task": "mquake", "limit": limit, "seed": 0,
+              "results": [{"label": "a", "split": "test", "predictions": predictions}]}
+    path = tmp_path / "report.json"
+    path.write_text(json.dumps(report))
+    return path
+
+
+def test_mquake_reports_the_stripped_score_beside_the_reference_score(tmp_path):
+    cases = load_generation_items("mquake", limit=4, seed=0)
+    completions = [cases[0]["new_answer"] + "\nQ:", " " + cases[1]["new_answer"], " wrong", ""]
+    result = evaluate_generation(_FixedGreedy(completions), "mquake", cases, adapter=None)
+    assert result["exact_match"] == 0.25
+    assert result["exact_match_stripped"] == 0.5
+    table = markdown({"task": "mquake", "results": [{"label": "a", "split": "test", **result}]})
+    assert "| exact match | stripped (diagnostic) |" in table and "| a | test | 25.0 | 50.0 | 4 |" in table
+    # the same numbers come back from a saved report's predictions
+    path = _mquake_report(tmp_path, completions, limit=4)
+    assert rescore_mquake(path) == [("a", 0.25, 0.5)]
+
+
+def test_rescoring_refuses_a_report_it_cannot_match(tmp_path):
+    with pytest.raises(TaskError, match="3 predictions for 4 cases"):
+        rescore_mquake(_mquake_report(tmp_path, ["x"] * 3, limit=4))
+    other = tmp_path / "boolq.json"
+    other.write_text(json.dumps({"task": "boolq", "results": []}))
+    with pytest.raises(TaskError, match="not mquake"):
+        rescore_mquake(other)
 
 
 def test_clutrr_reads_the_relation_after_the_template():
