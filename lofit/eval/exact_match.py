@@ -113,9 +113,13 @@ def mquake_stripped(completions: list[str], cases: list[dict[str, Any]]) -> floa
 def rescore_mquake(report: str | Path) -> list[tuple[str, float, float]]:
     """(label, exact match, stripped exact match) for every model of a saved MQuAKE report, recomputed
     from its predictions on the packaged split it was scored on."""
-    data = json.loads(require_file(Path(report)).read_text())
-    if data.get("task") != "mquake":
-        raise TaskError(f"{report} is a {data.get('task')!r} report, not mquake")
+    try:
+        data = json.loads(require_file(Path(report)).read_text())
+    except json.JSONDecodeError as error:
+        raise TaskError(f"{report} is not a lofit-eval JSON report: {error}") from None
+    if not isinstance(data, dict) or data.get("task") != "mquake":
+        task = data.get("task") if isinstance(data, dict) else None
+        raise TaskError(f"{report} is a {task!r} report, not mquake")
     rows = []
     for result in data["results"]:
         cases = load_generation_items("mquake", split=result["split"], limit=data.get("limit"),

@@ -84,6 +84,9 @@ def test_rescoring_refuses_a_report_it_cannot_match(tmp_path):
     other.write_text(json.dumps({"task": "boolq", "results": []}))
     with pytest.raises(TaskError, match="not mquake"):
         rescore_mquake(other)
+    other.write_text("{not json")
+    with pytest.raises(TaskError, match="not a lofit-eval JSON report"):
+        rescore_mquake(other)
 
 
 def test_clutrr_reads_the_relation_after_the_template():
