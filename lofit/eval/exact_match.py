@@ -99,13 +99,13 @@ def evaluate_generation(backend, task: str, items: list[dict[str, Any]], adapter
     result = {"exact_match": sum(correct) / len(items), "items": len(items),
               "predictions": [c[:200] for c in completions]}
     if task == "mquake":
-        result["exact_match_stripped"] = mquake_stripped(completions, items)
+        result["exact_match_stripped"] = mquake_exact_match(completions, items, strip=True)
     return result
 
 
-def mquake_stripped(completions: list[str], cases: list[dict[str, Any]]) -> float:
-    """MQuAKE exact match with the prediction stripped (a diagnostic beside the reference's score)."""
-    hits = [mquake_correct(mquake.prompt_of(case) + c, case, strip=True)
+def mquake_exact_match(completions: list[str], cases: list[dict[str, Any]], strip: bool = False) -> float:
+    """MQuAKE exact match of greedy completions; ``strip=True`` gives the diagnostic beside the reference's."""
+    hits = [mquake_correct(mquake.prompt_of(case) + c, case, strip=strip)
             for c, case in zip(completions, cases, strict=True)]
     return sum(hits) / len(cases)
 
@@ -117,21 +117,22 @@ def rescore_mquake(report: str | Path) -> list[tuple[str, float, float]]:
         data = json.loads(require_file(Path(report)).read_text())
     except json.JSONDecodeError as error:
         raise TaskError(f"{report} is not a lofit-eval JSON report: {error}") from None
-    if not isinstance(data, dict) or data.get("task") != "mquake":
-        task = data.get("task") if isinstance(data, dict) else None
+    task = data.get("task") if isinstance(data, dict) else None
+    if task != "mquake":
         raise TaskError(f"{report} is a {task!r} report, not mquake")
+    cases_of: dict[str, list[dict[str, Any]]] = {}
     rows = []
     for result in data["results"]:
-        cases = load_generation_items("mquake", split=result["split"], limit=data.get("limit"),
-                                      seed=data.get("seed", 0))
-        if len(cases) != len(result["predictions"]):
-            raise TaskError(f"{report}: {result['label']} has {len(result['predictions'])} predictions "
-                            f"for {len(cases)} cases")
-        strict = [mquake_correct(mquake.prompt_of(case) + p, case)
-                  for p, case in zip(result["predictions"], cases, strict=True)]
-        rows.append((result["label"], sum(strict) / len(cases), mquake_stripped(result["predictions"], cases)))
+        split, predictions = result["split"], result["predictions"]
+        if split not in cases_of:
+            cases_of[split] = load_generation_items("mquake", split=split, limit=data.get("limit"),
+                                                    seed=data.get("seed", 0))
+        cases = cases_of[split]
+        if len(cases) != len(predictions):
+            raise TaskError(f"{report}: {result['label']} has {len(predictions)} predictions for {len(cases)} cases")
+        rows.append((result["label"], mquake_exact_match(predictions, cases),
+                     mquake_exact_match(predictions, cases, strip=True)))
     return rows
-
 
 if __name__ == "__main__":
     import sys
