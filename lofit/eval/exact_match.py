@@ -134,6 +134,7 @@ def rescore_mquake(report: str | Path) -> list[tuple[str, float, float]]:
                      mquake_exact_match(predictions, cases, strip=True)))
     return rows
 
+
 if __name__ == "__main__":
     import sys
 
