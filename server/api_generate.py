@@ -1,4 +1,8 @@
-"""``POST /generate``: the product's own route — a prompt (or several) and an adapter choice."""
+"""``POST /generate``: the product's own route — a prompt (or several) and an adapter choice.
+
+Its steering follows :mod:`server.steering` (``adapter`` + ``adapter_scale``, or ``adapters``); a non-streamed
+request whose client goes away is aborted in the engine (vLLM's ``with_cancellation``), as a stream is.
+"""
 
 from __future__ import annotations
 
@@ -6,98 +10,150 @@ import asyncio
 import json
 from typing import Any
 
-from fastapi import APIRouter, Depends, HTTPException, Request
-from fastapi.responses import StreamingResponse
+from fastapi import APIRouter, HTTPException, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from vllm.exceptions import GenerationError
 
-from server.auth import require_inference_key
-from server.engine import Choice, check_length, choose, generate, sampling_params
 from server.schemas import STREAMED, AdapterUsed, GenerateRequest, GenerateResult, TokenLogprob, Usage
+from server.steering import Steering
+from server.vllm_api import with_cancellation
 
-router = APIRouter(dependencies=[Depends(require_inference_key)])
+router = APIRouter()
 
 
-def request_weights(body: GenerateRequest) -> dict[str, float] | None:
+class PromptTooLong(ValueError):
+    """The prompt (plus ``max_tokens``) does not fit the server's limits."""
+
+
+def request_steering(state: Any, body: GenerateRequest) -> Steering | None:
+    """The body's adapter choice (422 when it gives both forms; 404 for an adapter not loaded)."""
     if body.adapter is not None and body.adapters is not None:
         raise HTTPException(422, "give either 'adapter' (with 'adapter_scale') or 'adapters', not both")
     if body.adapters is not None:
-        return dict(body.adapters)
-    if body.adapter is not None:
-        return {body.adapter: body.adapter_scale}
-    return None
+        fields = {"adapters": dict(body.adapters)}
+    elif body.adapter is not None:
+        fields = {"adapter": body.adapter, "adapter_scale": body.adapter_scale}
+    else:
+        return None
+    return state.resolver.resolve(None, fields)
 
 
-def adapter_used(choice: Choice) -> AdapterUsed:
-    return AdapterUsed(name=None if choice.weights is None else choice.label,
-                       fingerprint=None if choice.combination is None else choice.combination.fingerprint)
+def adapter_used(state: Any, steering: Steering | None) -> AdapterUsed:
+    if steering is None or not steering.weights:
+        return AdapterUsed(name=None, fingerprint=None)
+    return AdapterUsed(name=steering.label, fingerprint=state.registry.resolve(steering.weights).fingerprint)
 
 
-def token_logprobs(completion: Any) -> list[TokenLogprob] | None:
-    if completion.logprobs is None:
+def token_logprobs(token_ids: Any, logprobs: Any) -> list[TokenLogprob] | None:
+    if logprobs is None:
         return None
     out = []
-    for token_id, step in zip(completion.token_ids, completion.logprobs, strict=False):
+    for token_id, step in zip(token_ids, logprobs, strict=False):
         chosen = step[token_id]
         out.append(TokenLogprob(token_id=token_id, token=chosen.decoded_token or "", logprob=chosen.logprob,
                                 top={(lp.decoded_token or str(t)): lp.logprob for t, lp in step.items()}))
     return out
 
 
-def result_of(output: Any, choice: Choice) -> GenerateResult:
-    completion = output.outputs[0]
-    prompt_tokens, completion_tokens = len(output.prompt_token_ids), len(completion.token_ids)
-    return GenerateResult(text=completion.text, token_ids=list(completion.token_ids),
-                          finish_reason=completion.finish_reason,
-                          usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                                      total_tokens=prompt_tokens + completion_tokens),
-                          adapter=adapter_used(choice), logprobs=token_logprobs(completion))
+def check_length(settings: Any, prompt_ids: list[int], max_tokens: int) -> None:
+    if not prompt_ids:
+        raise PromptTooLong("the prompt is empty")
+    if len(prompt_ids) > settings.prompt_limit:
+        raise PromptTooLong(f"the prompt has {len(prompt_ids)} tokens; this server takes at most "
+                            f"{settings.prompt_limit}")
+    if len(prompt_ids) + max_tokens > settings.max_model_len:
+        raise PromptTooLong(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({max_tokens}) exceeds the "
+                            f"model length {settings.max_model_len}")
 
 
-@router.post("/generate", response_model=GenerateResult | list[GenerateResult],
-             responses={200: {"content": STREAMED, "description": "a result, a list of results, or events"},
+def sampling_params(body: GenerateRequest, stream: bool) -> Any:
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    return SamplingParams(
+        max_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
+        seed=body.seed, stop=body.stop, ignore_eos=body.ignore_eos, logprobs=body.logprobs,
+        output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY)
+
+
+async def run(state: Any, prompt_ids: list[int], params: Any, steering: Steering | None, request_id: str):
+    """The engine's outputs for one prompt; an engine-side refusal (finish reason ``error``) raises."""
+    from vllm.inputs import TokensPrompt
+
+    async for output in state.engine.generate(TokensPrompt(prompt_token_ids=prompt_ids), params, request_id,
+                                              lora_request=steering):
+        if output.outputs and output.outputs[0].finish_reason == "error":
+            raise GenerationError("the engine refused or failed the request")
+        yield output
+
+
+@router.post("/generate", response_model=None,
+             responses={200: {"model": GenerateResult | list[GenerateResult],
+                              "content": STREAMED, "description": "a result, a list of results, or events"},
                         400: {"description": "prompt too long, or sampling the engine refuses"},
                         404: {"description": "unknown adapter"}})
-async def post_generate(body: GenerateRequest, request: Request) -> Any:
+@with_cancellation
+async def post_generate(body: GenerateRequest, raw_request: Request) -> Any:
     """Generate for one prompt (an object back) or a list of prompts (a list back), steered by the adapter
-    choice. ``stream: true`` (one prompt) sends server-sent events: text deltas, then the result, then
-    ``[DONE]``."""
-    state = request.app.state.lofit
-    choice = choose(state.registry, request_weights(body))
+    choice. ``stream: true`` (one prompt) sends server-sent events: text deltas (with their ``logprobs`` when
+    asked for), then the result, then ``[DONE]``."""
+    state = raw_request.app.state.lofit
+    steering = request_steering(state, body)
     prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-    tokenizer = state.tokenizer
-    prompt_ids = [tokenizer.encode(p) for p in prompts]
+    prompt_ids = [state.tokenizer.encode(p) for p in prompts]
     for ids in prompt_ids:
         check_length(state.settings, ids, body.max_tokens)
+    request_id = f"generate-{raw_request.headers.get('x-request-id', '')}"
     if body.stream:
         if len(prompts) != 1:
             raise HTTPException(422, "stream: true takes a single prompt")
-        params = sampling_params(body, body.max_tokens, True, choice, body.logprobs)
-        return StreamingResponse(stream_events(state, prompt_ids[0], params, choice),
-                                 media_type="text/event-stream")
-    params = sampling_params(body, body.max_tokens, False, choice, body.logprobs)
+        events = stream_events(state, prompt_ids[0], sampling_params(body, True), steering, request_id)
+        return StreamingResponse(events, media_type="text/event-stream")
+    params = sampling_params(body, False)
 
-    async def one(ids: list[int]) -> GenerateResult:
+    async def one(i: int, ids: list[int]) -> GenerateResult:
         final = None
-        async for output in generate(state, ids, params.clone(), choice, "/generate"):
+        async for output in run(state, ids, params.clone(), steering, f"{request_id}-{i}"):
             final = output
-        return result_of(final, choice)
+        completion = final.outputs[0]
+        return result(state, ids, completion.text, list(completion.token_ids), completion.finish_reason, steering,
+                      token_logprobs(completion.token_ids, completion.logprobs))
 
-    results = await asyncio.gather(*(one(ids) for ids in prompt_ids))
-    return results[0] if isinstance(body.prompt, str) else list(results)
+    results = await asyncio.gather(*(one(i, ids) for i, ids in enumerate(prompt_ids)))
+    content = results[0].model_dump() if isinstance(body.prompt, str) else [r.model_dump() for r in results]
+    return JSONResponse(content)
 
 
-async def stream_events(state: Any, prompt_ids: list[int], params: Any, choice: Choice):
-    text, token_ids, last = "", [], None
-    async for output in generate(state, prompt_ids, params, choice, "/generate"):
-        completion = output.outputs[0]
-        text += completion.text
-        token_ids += completion.token_ids
-        last = output
-        event = {"text": completion.text, "token_ids": list(completion.token_ids),
-                 "finish_reason": completion.finish_reason}
-        yield f"data: {json.dumps(event)}\n\n"
+def result(state: Any, prompt_ids: list[int], text: str, token_ids: list[int], finish_reason: str | None,
+           steering: Steering | None, logprobs: list[TokenLogprob] | None) -> GenerateResult:
     usage = Usage(prompt_tokens=len(prompt_ids), completion_tokens=len(token_ids),
                   total_tokens=len(prompt_ids) + len(token_ids))
-    final = GenerateResult(text=text, token_ids=token_ids, finish_reason=last.outputs[0].finish_reason,
-                           usage=usage, adapter=adapter_used(choice))
+    return GenerateResult(text=text, token_ids=token_ids, finish_reason=finish_reason, usage=usage,
+                          adapter=adapter_used(state, steering), logprobs=logprobs)
+
+
+async def stream_events(state: Any, prompt_ids: list[int], params: Any, steering: Steering | None,
+                        request_id: str):
+    text, token_ids, logprobs, finish_reason = "", [], [], None
+    try:
+        async for output in run(state, prompt_ids, params, steering, request_id):
+            completion = output.outputs[0]
+            delta = token_logprobs(completion.token_ids, completion.logprobs)
+            text += completion.text
+            token_ids += completion.token_ids
+            logprobs += delta or []
+            finish_reason = completion.finish_reason
+            event = {"text": completion.text, "token_ids": list(completion.token_ids),
+                     "finish_reason": completion.finish_reason}
+            if delta is not None:
+                event["logprobs"] = [lp.model_dump() for lp in delta]
+            yield f"data: {json.dumps(event)}\n\n"
+    except (HTTPException, ValueError, GenerationError) as exc:  # after the 200: an error event, then the end
+        message = exc.detail if isinstance(exc, HTTPException) else str(exc)
+        yield f"data: {json.dumps({'error': {'message': message, 'type': type(exc).__name__}})}\n\n"
+        yield "data: [DONE]\n\n"
+        return
+    final = result(state, prompt_ids, text, token_ids, finish_reason, steering,
+                   logprobs if params.logprobs is not None else None)
     yield f"data: {json.dumps({'result': final.model_dump()})}\n\n"
     yield "data: [DONE]\n\n"

@@ -1,10 +1,10 @@
-"""Operations: liveness, readiness (engine up and steering self-test passed) and Prometheus metrics."""
+"""Operations: liveness and readiness (engine up and steering self-test passed). ``/metrics`` is vLLM's route
+over vLLM's Prometheus registry, which holds the ``lofit_*`` series too (:mod:`server.metrics`)."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 
 router = APIRouter()
@@ -20,10 +20,13 @@ class Readiness(BaseModel):
     adapters: int = 0
 
 
-@router.get("/health", response_model=Health)
-async def health() -> Health:
-    """The process is alive (it may still be starting)."""
-    return Health(status="ok")
+@router.get("/health", response_model=Health, responses={503: {"model": Health}})
+async def health(request: Request) -> JSONResponse:
+    """The process is alive: 200 ``{"status": "ok"}``; 503 ``{"status": "dead"}`` once the engine has died (as
+    vLLM's ``/health``)."""
+    state = request.app.state.lofit
+    dead = state.dead is not None or (state.engine is not None and state.engine.errored)
+    return JSONResponse({"status": "dead" if dead else "ok"}, status_code=503 if dead else 200)
 
 
 @router.get("/ready", response_model=Readiness, responses={503: {"model": Readiness}})
@@ -34,9 +37,3 @@ async def ready(request: Request) -> JSONResponse:
     body = Readiness(ready=reason is None, reason=reason, adapters=len(state.registry.records)
                      if state.registry else 0)
     return JSONResponse(body.model_dump(), status_code=200 if reason is None else 503)
-
-
-@router.get("/metrics", response_class=Response)
-async def metrics(request: Request) -> Response:
-    """Prometheus text format: per-adapter request counters and latency histograms, running/waiting gauges."""
-    return Response(generate_latest(request.app.state.lofit.metrics.registry), media_type=CONTENT_TYPE_LATEST)

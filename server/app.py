@@ -1,8 +1,19 @@
-"""The FastAPI application: engine lifecycle, adapters at start-up, error mapping, limits and request logs."""
+"""The FastAPI application: vLLM's own OpenAI server with the steering parts added.
+
+:func:`create_app` builds vLLM's app as ``vllm serve`` does (``build_app``: every route, request model, error
+body and middleware of vLLM's server) and adds what is ours: ``POST /generate``, the adapter routes (and vLLM's
+``/v1/load_lora_adapter`` / ``/v1/unload_lora_adapter`` calls over them), ``GET /v1/models/{id}``, ``/health``
+and ``/ready``, keys on every route (:mod:`server.auth`), request ids and JSON request logs, body limits, the
+``lofit_*`` metrics, and an exit status of 1 when the engine dies. At start-up it runs the engine
+(:class:`server.engine_client.SteeredAsyncLLM`, whose core runs the steering self-test), vLLM's
+``init_app_state`` over it, then loads every adapter on disk.
+"""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import copy
 import json
 import logging
 import os
@@ -12,35 +23,55 @@ import uuid
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from prometheus_client import CollectorRegistry
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware import Middleware
+from starlette.routing import Match
 
 from lofit.heads import identity_from_checkpoint
-from lofit.vllm.engine import AdmissionError
-from server import api_adapters, api_generate, api_openai, api_ops
-from server.engine import HTTP_REQUEST_ID, PromptTooLong, start_engine
-from server.metrics import Metrics
+from lofit.vllm.offline import lofit_engine_args
+from server import api_adapters, api_generate, api_models, api_ops
+from server.api_generate import PromptTooLong
+from server.auth import KeyCheck, send_error
+from server.engine_client import ROUTE, SteeredAsyncLLM
+from server.metrics import LiveRequests, Metrics
 from server.registry import AdapterRegistry, InvalidAdapter, UnknownAdapter
 from server.settings import Settings
+from server.steering import SteeringResolver
+from server.vllm_api import (
+    RESOLVER_ATTR,
+    build_app,
+    create_error_response,
+    get_prometheus_registry,
+    init_app_state,
+    install_steering_hook,
+    sanitize_message,
+)
 
 log = logging.getLogger("lofit.server")
+SUPPORTED_TASKS = ("generate",)
+OUR_ROUTES = ("/generate", "/adapters")  # request-validation errors here are 422 (their contract); vLLM's are 400
 
 
 @dataclass
 class ServerState:
     settings: Settings
-    metrics: Metrics = field(default_factory=Metrics)
-    engine: Any = None
+    metrics_registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+    metrics: Metrics | None = None
+    engine: SteeredAsyncLLM | None = None
     registry: AdapterRegistry | None = None
+    resolver: SteeringResolver | None = None
     tokenizer: Any = None
-    started: int = field(default_factory=lambda: int(time.time()))
     ready: bool = False
     dead: str | None = None
     skipped_adapters: dict[str, str] = field(default_factory=dict)
+    collectors: list[Any] = field(default_factory=list)  # ours, in vLLM's Prometheus registry while serving
     stop_server: Callable[[], None] | None = None  # set by lofit-serve: ends uvicorn's loop, draining requests
 
     def not_ready_reason(self) -> str | None:
@@ -51,13 +82,67 @@ class ServerState:
         return None if self.ready else "starting"
 
 
-async def start(state: ServerState) -> None:
-    """Start the engine (its core runs the steering self-test first), then load every adapter on disk."""
-    settings = state.settings
+def vllm_args(settings: Settings) -> argparse.Namespace:
+    """vLLM's ``vllm serve`` arguments for the settings: the user's vLLM flags, with the model, its LoFiT
+    wrapper and admission check, and lofit-serve's own flags applied (keys stay with lofit-serve)."""
+    if settings.vllm_args is None:
+        from server.cli import vllm_namespace
+
+        settings.vllm_args = vllm_namespace(list(settings.vllm_flags))
+    args = copy.copy(settings.vllm_args)
+    given = {flag.split("=")[0].lstrip("-").replace("-", "_") for flag in settings.vllm_flags if flag.startswith("--")}
+    engine = lofit_engine_args(settings.model, hf_overrides=args.hf_overrides or {},
+                               logits_processors=args.logits_processors)
+    args.model, args.model_tag = engine["model"], None
+    args.hf_overrides, args.logits_processors = engine["hf_overrides"], engine["logits_processors"]
+    args.served_model_name = [settings.base_name]
+    args.dtype, args.max_model_len, args.max_num_seqs = settings.dtype, settings.max_model_len, settings.max_num_seqs
+    args.host, args.port, args.api_key = settings.host, settings.port, None
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu():
+        if settings.kv_cache_gib is not None:  # the flag wins over the environment
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(settings.kv_cache_gib)
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        if "gpu_memory_utilization" not in given:
+            args.gpu_memory_utilization = 0.1
+    return args
+
+
+def start_engine(args: argparse.Namespace) -> SteeredAsyncLLM:
+    """Build the engine for ``args`` as ``vllm serve`` does (blocks until the engine core is up)."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.usage.usage_lib import UsageContext
+
+    engine_args = AsyncEngineArgs.from_cli_args(args)
+    config = engine_args.create_engine_config(usage_context=UsageContext.OPENAI_API_SERVER)
+    return SteeredAsyncLLM.from_vllm_config(config, usage_context=UsageContext.OPENAI_API_SERVER,
+                                            enable_log_requests=engine_args.enable_log_requests,
+                                            disable_log_stats=engine_args.disable_log_stats)
+
+
+async def start(app: FastAPI, state: ServerState) -> None:
+    """Start the engine (its core runs the steering self-test first), vLLM's serving objects over it, then load
+    every adapter on disk."""
+    settings, args = state.settings, app.state.args
     base = identity_from_checkpoint(settings.model, name=settings.model.name)
-    state.engine = start_engine(settings)
+    state.engine = start_engine(args)
+    await init_app_state(state.engine, app.state, args, SUPPORTED_TASKS)
+    models = app.state.openai_serving_models
+    for path in models.base_model_paths:
+        path.model_path = path.name  # GET /v1/models shows names, never server paths
     state.tokenizer = state.engine.get_tokenizer()
-    state.registry = AdapterRegistry(settings.adapters_dir, base, state.engine, settings.max_adapters)
+    state.metrics = Metrics(state.metrics_registry, settings.base_name)
+    state.registry = AdapterRegistry(settings.adapters_dir, base, state.engine, settings.max_adapters,
+                                     reserved=frozenset([settings.base_name]), served=models.lora_requests,
+                                     on_unload=state.metrics.retire)
+    state.resolver = SteeringResolver([settings.base_name], lambda: state.registry.records.keys())
+    setattr(models, RESOLVER_ATTR, state.resolver)
+    state.engine.attach(state.resolver, state.metrics, settings.prompt_limit, count=state.registry.count)
+    state.collectors = [state.metrics_registry,
+                        LiveRequests(state.engine.live_requests, settings.max_adapters, settings.base_name)]
+    for collector in state.collectors:
+        get_prometheus_registry().register(collector)
     status = await state.engine.collective_rpc("lofit_status")  # answered once the self-test has passed
     log.info("engine ready: %s", status)
     for name in state.registry.names_on_disk():
@@ -87,25 +172,41 @@ async def watch_engine(state: ServerState) -> None:
 
 
 def create_app(settings: Settings) -> FastAPI:
+    """The server's app for ``settings`` (the engine starts in its lifespan)."""
+    install_steering_hook()
+    args = vllm_args(settings)
+    app = build_app(args, SUPPORTED_TASKS)
+    vllm_lifespan = app.router.lifespan_context
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        state = app.state.lofit
-        await start(state)
-        watcher = asyncio.create_task(watch_engine(state))
+        state: ServerState = app.state.lofit
         try:
-            yield
+            await start(app, state)
+            watcher = asyncio.create_task(watch_engine(state))
+            try:
+                async with vllm_lifespan(app):
+                    yield
+            finally:
+                watcher.cancel()
         finally:
-            watcher.cancel()
             if state.engine is not None:
                 state.engine.shutdown()
+            for collector in state.collectors:
+                get_prometheus_registry().unregister(collector)
 
-    app = FastAPI(title="LoFiT steering server", version=_version(), lifespan=lifespan,
-                  description="Generate with per-request LoFiT adapters (head offsets) on vLLM.")
+    app.router.lifespan_context = lifespan
+    app.title, app.version = "LoFiT steering server", _version()
+    app.description = ("vLLM's OpenAI-compatible server with per-request LoFiT adapters (head offsets): `model` = "
+                       "an adapter's name, or `adapter` / `adapter_scale` / `adapters` in the body.")
     app.state.lofit = ServerState(settings)
-    for module in (api_generate, api_openai, api_adapters, api_ops):
+    app.router.routes[:] = [r for r in app.router.routes if getattr(r, "path", None) != "/health"]  # ours below
+    for module in (api_generate, api_models, api_adapters, api_ops):
         app.include_router(module.router)
     _install_errors(app)
-    _install_middleware(app, settings)
+    # outermost first, around vLLM's own (whose SageMaker bootstrap has already built the stack: rebuild it)
+    app.user_middleware[0:0] = [Middleware(cls, settings=settings) for cls in (RequestLog, KeyCheck, BodyLimit)]
+    app.middleware_stack = None
     return app
 
 
@@ -115,62 +216,53 @@ def _version() -> str:
     return __version__
 
 
-def _error(status: int, message: str, kind: str, **extra: Any) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, "code": status}, **extra}, status_code=status)
+def error(status: int, message: str, kind: str, **extra: Any) -> JSONResponse:
+    """vLLM's error body (``{"error": {"message", "type", "param", "code"}}``), paths removed from the message."""
+    body = create_error_response(message, kind, HTTPStatus(status)).model_dump()
+    return JSONResponse({**body, **extra}, status_code=status)
 
 
 def _install_errors(app: FastAPI) -> None:
-    @app.exception_handler(UnknownAdapter)
-    async def unknown_adapter(_: Request, exc: UnknownAdapter) -> JSONResponse:
-        return _error(404, exc.args[0], "not_found_error")
-
-    @app.exception_handler(InvalidAdapter)
-    async def invalid_adapter(_: Request, exc: InvalidAdapter) -> JSONResponse:
-        return _error(400, str(exc), "invalid_adapter")
-
-    @app.exception_handler(PromptTooLong)
-    async def too_long(_: Request, exc: PromptTooLong) -> JSONResponse:
-        return _error(400, str(exc), "invalid_request_error")
-
-    @app.exception_handler(AdmissionError)
-    async def refused(_: Request, exc: AdmissionError) -> JSONResponse:
-        return _error(400, str(exc), "invalid_request_error")
+    """Our exceptions in vLLM's error format; vLLM's own handlers (installed by ``build_app``) do the rest."""
+    vllm_validation = app.exception_handlers[RequestValidationError]
+    vllm_http = app.exception_handlers[HTTPException]
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        """FastAPI's HTTPException and Starlette's own (an unknown route, a wrong method, bad multipart data)."""
-        response = _error(exc.status_code, str(exc.detail), "invalid_request_error" if exc.status_code < 500
-                          else "server_error")
+    async def routing(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        """Starlette's own errors (no such route, a wrong method, bad multipart data) in the same error body."""
+        response = await vllm_http(request, exc)
         response.headers.update(exc.headers or {})
         return response
 
+    @app.exception_handler(UnknownAdapter)
+    async def unknown_adapter(_: Request, exc: UnknownAdapter) -> JSONResponse:
+        return error(404, exc.args[0], "NotFoundError")
+
+    @app.exception_handler(InvalidAdapter)
+    async def invalid_adapter(_: Request, exc: InvalidAdapter) -> JSONResponse:
+        return error(400, str(exc), "BadRequestError")
+
+    @app.exception_handler(PromptTooLong)
+    async def too_long(_: Request, exc: PromptTooLong) -> JSONResponse:
+        return error(400, str(exc), "BadRequestError")
+
     @app.exception_handler(RequestValidationError)
-    async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        if not request.url.path.startswith(OUR_ROUTES):
+            return await vllm_validation(request, exc)
         errors = [{"loc": list(e.get("loc", ())), "msg": e.get("msg"), "type": e.get("type")} for e in exc.errors()]
         summary = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors[:5])
-        return _error(422, f"invalid request: {summary}", "invalid_request_error", detail=errors)
-
-    @app.exception_handler(Exception)
-    async def crashed(_: Request, exc: Exception) -> JSONResponse:
-        from vllm.exceptions import VLLMClientError
-        from vllm.v1.engine.exceptions import EngineDeadError
-
-        if isinstance(exc, EngineDeadError):
-            return _error(503, "the engine has stopped", "server_error")
-        if isinstance(exc, VLLMClientError):  # vLLM refuses the request itself (e.g. a sampling parameter)
-            return _error(400, str(exc), "invalid_request_error")
-        log.exception("unhandled error")
-        return _error(500, "internal error", "server_error")
+        return error(422, f"invalid request: {summary}", "UnprocessableEntityError", detail=errors)
 
 
 def _body_limit(settings: Settings, method: str) -> int:
-    """Bytes a request body may have: an upload (PUT) holds two files, anything else is a small JSON body."""
+    """Bytes a request body may have: an upload (PUT) holds two files, anything else is a JSON body."""
     return settings.max_upload_bytes * 2 + 65536 if method == "PUT" else settings.max_body_bytes
 
 
 class BodyLimit:
     """Count a request body as it arrives and refuse it once past the limit. A chunked body has no
-    Content-Length for the check in ``limits_and_logs``; without this it would be read (or, for an upload,
+    Content-Length for the check in :class:`RequestLog`; without this it would be read (or, for an upload,
     spooled to disk) whole before any handler could refuse it."""
 
     def __init__(self, app: Any, settings: Settings) -> None:
@@ -187,31 +279,63 @@ class BodyLimit:
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > limit:  # raised inside the route's body parsing: FastAPI passes HTTPException on
+                if seen > limit:  # raised inside the route's body parsing: FastAPI answers it
+                    from fastapi import HTTPException
+
                     raise HTTPException(400, f"request body larger than {limit} bytes")
             return message
 
         await self.app(scope, limited, send)
 
 
-def _install_middleware(app: FastAPI, settings: Settings) -> None:
-    app.add_middleware(BodyLimit, settings=settings)
+class RequestLog:
+    """The outermost layer: a request id (``X-Request-Id`` when valid, else a new one; vLLM names its engine
+    request after it), the body's declared size, the route label of the ``lofit_*`` metrics, and one JSON log
+    line per request."""
 
-    @app.middleware("http")
-    async def limits_and_logs(request: Request, call_next):
-        request_id = request.headers.get("x-request-id", "")
-        if not (0 < len(request_id) <= 64 and request_id.replace("-", "").replace("_", "").isalnum()):
-            request_id = uuid.uuid4().hex
-        HTTP_REQUEST_ID.set(request_id)
+    def __init__(self, app: Any, settings: Settings) -> None:
+        self.app, self.settings = app, settings
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
         started = time.perf_counter()
-        limit = _body_limit(settings, request.method)
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > limit):
-            response = _error(400, f"request body larger than {limit} bytes", "invalid_request_error")
-        else:
-            response = await call_next(request)
-        response.headers["x-request-id"] = request_id
-        log.info(json.dumps({"request_id": request_id, "method": request.method, "path": request.url.path,
-                             "status": response.status_code,
-                             "ms": round((time.perf_counter() - started) * 1000, 1)}))
-        return response
+        headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"x-request-id"]
+        given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
+        valid = 0 < len(given) <= 64 and given.replace("-", "").replace("_", "").isalnum()
+        request_id = given if valid else uuid.uuid4().hex
+        scope = {**scope, "headers": [*headers, (b"x-request-id", request_id.encode())]}
+        status = 500
+
+        async def send_with_id(message: dict) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message = {**message, "headers": [*message.get("headers", []),
+                                                  (b"x-request-id", request_id.encode())]}
+            await send(message)
+
+        token = ROUTE.set(_route_of(scope))
+        try:
+            limit = _body_limit(self.settings, scope["method"])
+            length = dict(scope["headers"]).get(b"content-length")
+            if length is not None and (not length.isdigit() or int(length) > limit):
+                await send_error(send_with_id, 400, f"request body larger than {limit} bytes", "BadRequestError")
+            else:
+                await self.app(scope, receive, send_with_id)
+        finally:
+            ROUTE.reset(token)
+            log.info(json.dumps({"request_id": request_id, "method": scope["method"], "path": scope["path"],
+                                 "status": status, "ms": round((time.perf_counter() - started) * 1000, 1)}))
+
+
+def _route_of(scope: dict) -> str:
+    """The path template of the route that serves ``scope`` (a bounded metrics label), else ``other``."""
+    for route in getattr(getattr(scope.get("app"), "router", None), "routes", ()):
+        if route.matches(scope)[0] == Match.FULL and getattr(route, "path", None):
+            return route.path
+    return "other"
+
+
+__all__ = ["ServerState", "create_app", "error", "sanitize_message", "start_engine", "vllm_args"]

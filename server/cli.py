@@ -3,18 +3,20 @@
     lofit-serve [--model DIR] [--adapters-dir DIR] [--host 127.0.0.1] [--port 8000] [--api-key KEY]
                 [--admin-key KEY] [--dtype auto] [--max-model-len 2048] [--max-num-seqs 64]
                 [--max-adapters 256] [--kv-cache-gib 1] [--max-prompt-tokens N] [--served-model-name NAME]
-                [any vLLM engine flag, e.g. --enforce-eager --max-num-batched-tokens 4096]
 
-The defaults serve the embedded SmolLM2-135M-Instruct with the shipped ``adapters/``. Every flag may also
-come from an environment variable named after it, ``LOFIT_`` + the flag in capitals with ``_`` for ``-``
-(``LOFIT_API_KEY``, ``LOFIT_ADMIN_KEY``, ``LOFIT_ADAPTERS_DIR``, ``LOFIT_MAX_MODEL_LEN``, ...); a flag on the
-command line wins. ``LOFIT_ENGINE_ARGS`` holds extra vLLM engine flags (``"--enforce-eager --seed 1"``).
+                [any `vllm serve` flag, e.g. --enforce-eager --tool-call-parser hermes --enable-auto-tool-choice]
+
+The defaults serve the embedded SmolLM2-135M-Instruct with the shipped ``adapters/``. Every other flag goes to
+vLLM's own ``vllm serve`` parser (engine and OpenAI-layer flags alike) and means what it means there. Every
+lofit-serve flag may also come from an environment variable named after it, ``LOFIT_`` + the flag in capitals
+with ``_`` for ``-`` (``LOFIT_API_KEY``, ``LOFIT_ADMIN_KEY``, ``LOFIT_ADAPTERS_DIR``, ``LOFIT_MAX_MODEL_LEN``,
+...); a flag on the command line wins. ``LOFIT_ENGINE_ARGS`` holds extra vLLM flags (``"--enforce-eager --seed
+1"``).
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import os
@@ -24,34 +26,26 @@ from pathlib import Path
 
 from server.settings import Settings
 
+UNSUPPORTED = {"uds": "a Unix socket", "api_server_count": "several API server processes",
+               "headless": "headless mode", "grpc": "the gRPC server"}  # vLLM flags lofit-serve does not run
 
-def engine_flags(rest: list[str]) -> dict:
-    """``["--enforce-eager", "--max-num-batched-tokens", "4096"]`` -> ``{"enforce_eager": True, ...}``, checked
-    against vLLM's engine arguments."""
-    from vllm.engine.arg_utils import AsyncEngineArgs
 
-    known = {f.name for f in dataclasses.fields(AsyncEngineArgs)}
-    out, i = {}, 0
-    while i < len(rest):
-        token = rest[i]
-        if not token.startswith("--"):
-            raise SystemExit(f"lofit-serve: unexpected argument {token!r}")
-        key, _, inline = token[2:].partition("=")
-        key = key.replace("-", "_")
-        if key not in known:
-            raise SystemExit(f"lofit-serve: unknown flag --{key.replace('_', '-')} (neither lofit-serve's nor a "
-                             "vLLM engine argument)")
-        if inline:
-            value, i = inline, i + 1
-        elif i + 1 < len(rest) and not rest[i + 1].startswith("--"):
-            value, i = rest[i + 1], i + 2
-        else:
-            value, i = "true", i + 1
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
+def vllm_namespace(flags: list[str]) -> argparse.Namespace:
+    """vLLM's ``vllm serve`` arguments from ``flags`` (engine and front-end flags alike), checked by vLLM's own
+    parser; exits 2 with a clear message for a flag vLLM does not know."""
+    from server.vllm_api import FlexibleArgumentParser, make_arg_parser
+
+    parser = make_arg_parser(FlexibleArgumentParser(prog="lofit-serve"))
+    args, unknown = parser.parse_known_args(flags)
+    if unknown:
+        flag = next((u for u in unknown if u.startswith("-")), unknown[0])
+        raise SystemExit(f"lofit-serve: unknown flag {flag.split('=')[0]} (neither lofit-serve's nor a vLLM "
+                         "`vllm serve` flag)")
+    defaults = parser.parse_args([])
+    for name, what in UNSUPPORTED.items():
+        if getattr(args, name, None) not in (getattr(defaults, name, None), False, None, 1):
+            raise SystemExit(f"lofit-serve: --{name.replace('_', '-')} ({what}) is not supported by lofit-serve")
+    return args
 
 
 def env_name(flag: str) -> str:
@@ -113,11 +107,13 @@ def parse(argv: list[str] | None = None) -> Settings:
         parser.exit(2, "lofit-serve: --kv-cache-gib must be a whole number of GiB, at least 1\n")
     if args.api_key is not None and args.api_key == args.admin_key:
         parser.exit(2, "lofit-serve: --api-key and --admin-key must differ\n")
+    if args.max_prompt_tokens is not None and not 1 <= args.max_prompt_tokens < args.max_model_len:
+        parser.exit(2, "lofit-serve: --max-prompt-tokens must be at least 1 and below --max-model-len\n")
     return Settings(model=args.model, adapters_dir=args.adapters_dir, host=args.host, port=args.port,
                     api_key=args.api_key, admin_key=args.admin_key, served_model_name=args.served_model_name,
                     dtype=args.dtype, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                     max_adapters=args.max_adapters, max_prompt_tokens=args.max_prompt_tokens,
-                    kv_cache_gib=args.kv_cache_gib, engine_args=engine_flags(rest))
+                    kv_cache_gib=args.kv_cache_gib, vllm_flags=rest, vllm_args=vllm_namespace(rest))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -128,8 +124,12 @@ def main(argv: list[str] | None = None) -> None:
     settings = parse(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(settings)
+    tls = {name: getattr(settings.vllm_args, name) for name in ("ssl_keyfile", "ssl_certfile", "ssl_ca_certs",
+                                                                 "ssl_cert_reqs", "ssl_ciphers")}
     server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info",
-                                           timeout_graceful_shutdown=30))
+                                           timeout_graceful_shutdown=30, root_path=settings.vllm_args.root_path
+                                           or "", **{k: v for k, v in tls.items() if v is not None}))
+    app.state.server = server  # vLLM's engine-error handler stops it through this
 
     def stop() -> None:
         server.should_exit = True

@@ -3,16 +3,25 @@
 Adapters live in folders under the adapters directory (one folder per adapter, folder name = adapter name).
 Loading goes through the engine (``collective_rpc``), which validates the adapter against the served model
 on every worker; a name's lock keeps concurrent loads and unloads of one name in order. Names are checked
-against a strict pattern (the whole name, ASCII only), resolved paths must stay inside the adapters
-directory, and symbolic links are refused (an adapter folder that is a link, or an adapter file that is
-one), so neither a name nor a link can make the server read a file outside the directory.
+against a strict pattern (the whole name, ASCII only) and may not be one of the served model's names;
+resolved paths must stay inside the adapters directory, and symbolic links are refused (an adapter folder
+that is a link, or an adapter file that is one), so neither a name nor a link can make the server read a
+file outside the directory.
+
+The registry keeps vLLM's model list (``OpenAIServingModels.lora_requests``: what ``GET /v1/models`` lists and
+what vLLM's routes accept as ``model``) in step with the loaded adapters. An unload first stops new requests
+from resolving the name, waits until requests that did have been handed to the engine
+(:class:`server.engine_client.Admissions`), then unloads on the workers: every request the API server accepted
+is steered.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import shutil
+import stat
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -22,7 +31,8 @@ from typing import Any
 from lofit.adapter import CONFIG_FILE, TENSORS_FILE, AdapterError, LofitAdapter, load_adapter
 from lofit.heads import BaseModelIdentity
 from lofit.vllm.salt import Combination
-from server.schemas import ADAPTER_NAME, AdapterInfo
+from server.schemas import AdapterInfo
+from server.steering import ADAPTER_NAME, Steering
 
 _NAME = re.compile(ADAPTER_NAME)
 
@@ -59,17 +69,23 @@ class AdapterRegistry:
 
     directory: Path
     base: BaseModelIdentity
-    engine: Any  # AsyncLLM (anything with ``async collective_rpc``)
+    engine: Any  # SteeredAsyncLLM (anything with ``async collective_rpc`` and ``admissions``)
     max_adapters: int = 256
+    reserved: frozenset[str] = frozenset()  # the served model's names: never adapter names
+    served: dict[str, Any] = field(default_factory=dict)  # vLLM's OpenAIServingModels.lora_requests
+    on_unload: Any = None  # called with the name after an unload (metrics retire its series)
     records: dict[str, Record] = field(default_factory=dict)
     _locks: dict[str, asyncio.Lock] = field(default_factory=dict)
 
-    @staticmethod
-    def check_name(name: str) -> None:
-        """Refuse a name that is not a plain adapter name (the whole string must match the pattern)."""
+    def check_name(self, name: str) -> None:
+        """Refuse a name that is not a plain adapter name (the whole string must match the pattern), or that
+        is one of the served model's names (``model`` could not tell them apart)."""
         if not isinstance(name, str) or not _NAME.fullmatch(name):
             raise InvalidAdapter(f"invalid adapter name {name!r}: use letters, digits, '.', '_' or '-' "
                                  "(at most 64, starting with a letter or digit)")
+        if name in self.reserved:
+            raise InvalidAdapter(f"invalid adapter name {name!r}: it is the served model's name, which means "
+                                 "'no adapter' in requests; choose another name")
 
     def path_for(self, name: str) -> Path:
         """The folder of adapter ``name`` inside the adapters directory (refuses links and anything that
@@ -109,6 +125,7 @@ class AdapterRegistry:
             await self.engine.collective_rpc("lofit_load", args=(str(path),))
             record = Record(adapter, path, datetime.now(UTC).isoformat(timespec="seconds"))
             self.records[name] = record
+            self.served[name] = Steering.of(name, {name: 1.0}, root=name)
             return record, True
 
     def validate(self, path: Path, name: str) -> LofitAdapter:
@@ -131,6 +148,10 @@ class AdapterRegistry:
         older folder); the caller then loads it with :meth:`load`."""
         target = self.path_for(name)
         self.validate(staging, name)
+        mode = stat.S_IMODE(self.directory.stat().st_mode)  # as the rest of the adapters folder
+        os.chmod(staging, mode)
+        for file in staging.iterdir():
+            os.chmod(file, mode & 0o666)
         async with self._lock(name):
             old = target.with_name(f".old-{name}")
             if target.exists():
@@ -143,10 +164,21 @@ class AdapterRegistry:
         """Forget ``name``; returns False when it was not loaded. Running requests finish with its content."""
         self.check_name(name)
         async with self._lock(name):
-            if name not in self.records:
+            record = self.records.pop(name, None)
+            if record is None:
                 return False
-            await self.engine.collective_rpc("lofit_unload", args=(name,))
-            del self.records[name]
+            self.served.pop(name, None)
+            try:
+                admissions = getattr(self.engine, "admissions", None)
+                if admissions is not None:
+                    await admissions.wait_released(name)
+                await self.engine.collective_rpc("lofit_unload", args=(name,))
+            except BaseException:
+                self.records[name] = record
+                self.served[name] = Steering.of(name, {name: 1.0}, root=name)
+                raise
+            if self.on_unload is not None:
+                self.on_unload(name)
             return True
 
     def resolve(self, weights: dict[str, float]) -> Combination:

@@ -1,12 +1,12 @@
-"""Request and response bodies of every route (they make the OpenAPI schema)."""
+"""Request and response bodies of the server's own routes, ``POST /generate`` and ``/adapters`` (they make their part
+of the OpenAPI schema; vLLM's routes bring vLLM's own models)."""
 
 from __future__ import annotations
 
-from typing import Literal
-
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-ADAPTER_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"  # also the folder name under --adapters-dir
+from server.steering import ADAPTER_NAME
+
 STREAMED = {"text/event-stream": {"schema": {  # the 200 answer of `stream: true`: each server-sent event
     "type": "object", "required": ["data"], "description": "`data` is a JSON object, or `[DONE]` at the end",
     "properties": {"data": {"type": "string"}, "event": {"type": "string"}, "id": {"type": "string"},
@@ -133,46 +133,7 @@ class LoadAdapterResult(BaseModel):
     load_ms: float
 
 
-# -- OpenAI-compatible -------------------------------------------------------------------------------------
-
-class CompletionRequest(Sampling):
-    model: str
-    prompt: str | list[str]
-    max_tokens: int = Field(16, ge=1, le=32768)
-    n: Literal[1] = 1
-    stream: bool = False
-    logprobs: int | None = Field(None, ge=0, le=20)
-    user: str | None = None
-
-
-class ChatMessage(Strict):
-    role: Literal["system", "user", "assistant"]
-    content: str
-
-
-class ChatCompletionRequest(Sampling):
-    model: str
-    messages: list[ChatMessage] = Field(..., min_length=1, max_length=256)
-    max_tokens: int | None = Field(None, ge=1, le=32768)
-    max_completion_tokens: int | None = Field(None, ge=1, le=32768)
-    n: Literal[1] = 1
-    stream: bool = False
-    user: str | None = None
-
-
-class ModelCard(BaseModel):
-    id: str
-    object: Literal["model"] = "model"
-    created: int
-    owned_by: str = "lofit"
-    root: str
-    parent: str | None
-
-
-class ModelList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[ModelCard]
-
+# -- errors ------------------------------------------------------------------------------------------------
 
 class ErrorBody(BaseModel):
     message: str
@@ -182,39 +143,3 @@ class ErrorBody(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorBody
-
-
-class CompletionChoice(BaseModel):
-    index: int
-    text: str
-    logprobs: dict | None = None
-    finish_reason: str | None
-
-
-class CompletionResponse(BaseModel):
-    id: str
-    object: Literal["text_completion"] = "text_completion"
-    created: int
-    model: str
-    choices: list[CompletionChoice]
-    usage: Usage
-
-
-class AssistantMessage(BaseModel):
-    role: Literal["assistant"] = "assistant"
-    content: str
-
-
-class ChatChoice(BaseModel):
-    index: int
-    message: AssistantMessage
-    finish_reason: str | None
-
-
-class ChatCompletionResponse(BaseModel):
-    id: str
-    object: Literal["chat.completion"] = "chat.completion"
-    created: int
-    model: str
-    choices: list[ChatChoice]
-    usage: Usage

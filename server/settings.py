@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,7 +28,8 @@ class Settings:
     max_body_bytes: int = 1 << 20
     max_upload_bytes: int = 64 << 20
     kv_cache_gib: int | None = None  # CPU KV cache size (VLLM_CPU_KVCACHE_SPACE)
-    engine_args: dict = field(default_factory=dict)  # any other vLLM engine argument
+    vllm_flags: list[str] = field(default_factory=list)  # every other flag, as given (for vLLM's parser)
+    vllm_args: argparse.Namespace | None = None  # vLLM's `vllm serve` arguments parsed from ``vllm_flags``
 
     @property
     def base_name(self) -> str:

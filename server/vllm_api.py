@@ -1,0 +1,56 @@
+"""Every piece of vLLM's API server that ``lofit-serve`` relies on, in one place (vLLM 0.32).
+
+The server *is* vLLM's OpenAI server — its app, routes, request models, handlers, error bodies and metrics —
+with the steering parts added. What it takes from vLLM's ``vllm.entrypoints`` beyond the documented
+``EngineClient`` protocol is imported or patched here and nowhere else, and ``tests/server/test_vllm_api.py``
+checks that each still exists, so an upgrade that moves one fails in one spot:
+
+* ``make_arg_parser`` — the ``vllm serve`` flags (``launchers/cli_args.py``), which ``lofit-serve`` accepts too;
+* ``build_app`` / ``init_app_state`` — the FastAPI app and its serving objects (``launchers/app.py``,
+  ``launchers/api_server/app_state.py``), as ``vllm serve`` builds them;
+* ``BaseServing._maybe_get_adapters`` (``serve/engine/serving.py``) — where every vLLM route turns ``model``
+  into its ``LoRARequest``; :func:`install_steering_hook` makes it return the request's
+  :class:`~server.steering.Steering` instead, so the steering fields of the body are read too;
+* ``OpenAIServingModels.lora_requests`` / ``base_model_paths`` (``openai/models/serving.py``) — the names vLLM
+  accepts as ``model`` and lists on ``GET /v1/models``;
+* ``with_cancellation`` (``serve/utils/api_utils.py``), ``sanitize_message`` and ``create_error_response``
+  (``serve/exception_handling``), ``get_prometheus_registry`` (``v1/metrics/prometheus.py``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vllm.entrypoints.launchers.api_server.app_state import init_app_state
+from vllm.entrypoints.launchers.app import build_app
+from vllm.entrypoints.launchers.cli_args import make_arg_parser
+from vllm.entrypoints.serve.engine.serving import BaseServing
+from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
+from vllm.entrypoints.serve.exception_handling.utils import sanitize_message
+from vllm.entrypoints.serve.utils.api_utils import with_cancellation
+from vllm.utils.argparse_utils import FlexibleArgumentParser
+from vllm.v1.metrics.prometheus import get_prometheus_registry
+
+__all__ = ["BaseServing", "FlexibleArgumentParser", "build_app", "create_error_response", "get_prometheus_registry",
+           "init_app_state", "install_steering_hook", "make_arg_parser", "sanitize_message", "with_cancellation"]
+
+RESOLVER_ATTR = "lofit_resolver"  # set on the OpenAIServingModels instance by the server
+_MARK = "_lofit_steering"
+
+
+def install_steering_hook() -> None:
+    """Patch ``BaseServing._maybe_get_adapters`` once: where the serving object's models carry a
+    :class:`~server.steering.SteeringResolver` (attribute ``lofit_resolver``), the request's steering comes
+    from it (raising vLLM's 400/404 errors for a bad choice); elsewhere vLLM's own code runs."""
+    original = BaseServing._maybe_get_adapters
+    if getattr(original, _MARK, False):
+        return
+
+    def _maybe_get_adapters(self: Any, request: Any, supports_default_mm_loras: bool = False) -> Any:
+        resolver = getattr(self.models, RESOLVER_ATTR, None)
+        if resolver is None:
+            return original(self, request, supports_default_mm_loras)
+        return resolver.for_request(request)
+
+    setattr(_maybe_get_adapters, _MARK, True)
+    BaseServing._maybe_get_adapters = _maybe_get_adapters
