@@ -74,7 +74,7 @@ from common import (  # noqa: E402
 from hot_load import measure_hot_load  # noqa: E402
 
 from lofit.models import default_model_dir  # noqa: E402
-from server.launch import ServerProcess, free_port, lofit_serve_argv  # noqa: E402
+from server.launch import ServerProcess, free_port, lofit_serve_argv, without_lofit  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 PARTS = ("offline", "http", "lora", "reference", "hotload", "memory")
@@ -212,13 +212,6 @@ def lora_variants(target: str, prefix: str) -> list[Variant]:
 
 
 # -- targets: what runs one round of concurrent requests ---------------------------------------------------
-
-def without_lofit() -> str:
-    """``VLLM_PLUGINS`` for plain vLLM: every installed vLLM plugin but LoFiT's."""
-    from importlib.metadata import entry_points
-
-    return ",".join(e.name for e in entry_points(group="vllm.general_plugins") if e.name != "lofit")
-
 
 @contextlib.contextmanager
 def plugins_disabled(disable: bool) -> Iterator[None]:

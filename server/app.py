@@ -50,6 +50,7 @@ from server.vllm_api import (
     create_error_response,
     get_prometheus_registry,
     init_app_state,
+    install_plain_chat_content,
     install_steering_hook,
     sanitize_message,
 )
@@ -132,6 +133,8 @@ async def start(app: FastAPI, state: ServerState) -> None:
     for path in models.base_model_paths:
         path.model_path = path.name  # GET /v1/models shows names, never server paths
     state.tokenizer = state.engine.get_tokenizer()
+    if not settings.trust_chat_control_tokens:
+        install_plain_chat_content(state.engine.renderer)
     state.metrics = Metrics(state.metrics_registry, settings.base_name)
     state.registry = AdapterRegistry(settings.adapters_dir, base, state.engine, settings.max_adapters,
                                      reserved=frozenset([settings.base_name]), served=models.lora_requests,

@@ -94,6 +94,10 @@ def parse(argv: list[str] | None = None) -> Settings:
     flag("--max-adapters", defaults.max_adapters, int)
     flag("--max-prompt-tokens", None, int)
     flag("--kv-cache-gib", None, int, doc="CPU KV cache size in whole GiB (VLLM_CPU_KVCACHE_SPACE)")
+    parser.add_argument("--trust-chat-control-tokens", action="store_true",
+                        default=os.environ.get(env_name("--trust-chat-control-tokens"), "") in ("1", "true"),
+                        help="tokenise control-token strings inside chat messages as control tokens (vLLM's "
+                             "default); without it they are plain text, so a message cannot inject a turn")
     args, rest = parser.parse_known_args(argv)
     try:
         rest = shlex.split(os.environ.get("LOFIT_ENGINE_ARGS", "")) + rest
@@ -113,7 +117,8 @@ def parse(argv: list[str] | None = None) -> Settings:
                     api_key=args.api_key, admin_key=args.admin_key, served_model_name=args.served_model_name,
                     dtype=args.dtype, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                     max_adapters=args.max_adapters, max_prompt_tokens=args.max_prompt_tokens,
-                    kv_cache_gib=args.kv_cache_gib, vllm_flags=rest, vllm_args=vllm_namespace(rest))
+                    kv_cache_gib=args.kv_cache_gib, trust_chat_control_tokens=args.trust_chat_control_tokens,
+                    vllm_flags=rest, vllm_args=vllm_namespace(rest))
 
 
 def main(argv: list[str] | None = None) -> None:

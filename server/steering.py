@@ -74,8 +74,9 @@ def check_name(name: Any) -> str:
 
 def steering_fields(fields: Mapping[str, Any] | None, xargs: Mapping[str, Any] | None) -> dict[str, Any]:
     """The plugin keys (``lofit_adapter``/``lofit_scale``/``lofit_adapters``) a request gives, from its body fields
-    or its ``vllm_xargs``; :class:`VLLMValidationError` when both places, or both spellings, give one."""
-    found = [(where, {k: v for k, v in (m or {}).items() if k in STEERING_KEYS})
+    or its ``vllm_xargs`` (``null`` counts as absent); :class:`VLLMValidationError` when both places, or both
+    spellings, give one."""
+    found = [(where, {k: v for k, v in (m or {}).items() if k in STEERING_KEYS and v is not None})
              for where, m in (("body", fields), ("vllm_xargs", xargs))]
     found = [(where, keys) for where, keys in found if keys]
     if len(found) > 1:

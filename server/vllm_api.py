@@ -13,6 +13,9 @@ checks that each still exists, so an upgrade that moves one fails in one spot:
   :class:`~server.steering.Steering` instead, so the steering fields of the body are read too;
 * ``OpenAIServingModels.lora_requests`` / ``base_model_paths`` (``openai/models/serving.py``) — the names vLLM
   accepts as ``model`` and lists on ``GET /v1/models``;
+* ``renderer.render_messages`` / ``render_messages_async`` (``renderers/hf.py``: a chat rendered to
+  ``(conversation, {"prompt": text})``) — :func:`install_plain_chat_content` tokenises message content as plain
+  text (:mod:`server.chat_tokens`);
 * ``with_cancellation`` (``serve/utils/api_utils.py``), ``sanitize_message`` and ``create_error_response``
   (``serve/exception_handling``), ``get_prometheus_registry`` (``v1/metrics/prometheus.py``).
 """
@@ -32,7 +35,8 @@ from vllm.utils.argparse_utils import FlexibleArgumentParser
 from vllm.v1.metrics.prometheus import get_prometheus_registry
 
 __all__ = ["BaseServing", "FlexibleArgumentParser", "build_app", "create_error_response", "get_prometheus_registry",
-           "init_app_state", "install_steering_hook", "make_arg_parser", "sanitize_message", "with_cancellation"]
+           "init_app_state", "install_plain_chat_content", "install_steering_hook", "make_arg_parser",
+           "sanitize_message", "with_cancellation"]
 
 RESOLVER_ATTR = "lofit_resolver"  # set on the OpenAIServingModels instance by the server
 _MARK = "_lofit_steering"
@@ -54,3 +58,23 @@ def install_steering_hook() -> None:
 
     setattr(_maybe_get_adapters, _MARK, True)
     BaseServing._maybe_get_adapters = _maybe_get_adapters
+
+
+def install_plain_chat_content(renderer: Any) -> None:
+    """Wrap this renderer's ``render_messages`` and ``render_messages_async`` (instance attributes, this engine
+    only) so that chat message content is tokenised as plain text (:mod:`server.chat_tokens`)."""
+    from server.chat_tokens import special_strings, with_plain_content
+
+    tokenizer = renderer.get_tokenizer()
+    specials = special_strings(tokenizer)
+    sync, async_ = renderer.render_messages, renderer.render_messages_async
+
+    def render_messages(messages: Any, params: Any) -> Any:
+        conversation, prompt = sync(messages, params)
+        return conversation, with_plain_content(tokenizer, conversation, prompt, specials)
+
+    async def render_messages_async(messages: Any, params: Any) -> Any:
+        conversation, prompt = await async_(messages, params)
+        return conversation, with_plain_content(tokenizer, conversation, prompt, specials)
+
+    renderer.render_messages, renderer.render_messages_async = render_messages, render_messages_async

@@ -1,13 +1,15 @@
 """Shared by the server tests: a real ``lofit-serve`` subprocess on 127.0.0.1, its keys, and adapters to serve.
 
 :func:`start_server` starts one (SmolLM2-135M in float32, an API key and an admin key) and stops it on exit;
-test modules wrap it in a fixture. ``battery_server`` is one server shared by the session's hardening tests
-(the malformed-adapter corpus and the auth matrix), started on an adapters folder that holds a good adapter
-and the start-up copy of the corpus.
+test modules wrap it in a fixture. Two servers are shared by the session, each stopped right after the last test
+that uses it: ``battery_server`` (the hardening tests: the malformed-adapter corpus and the auth matrix, on an
+adapters folder that holds a good adapter and the start-up copy of the corpus) and ``peers`` (``lofit-serve``
+beside vLLM's own OpenAI server: the conformance and real-client tests).
 """
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
@@ -19,7 +21,7 @@ import torch
 
 from lofit.adapter import CONFIG_FILE, TENSORS_FILE, LofitAdapter, load_adapter
 from lofit.models import default_model_dir, is_prepared
-from server.launch import ServerStartError, running_lofit_serve
+from server.launch import ServerStartError, running_lofit_serve, stock_vllm_serve
 
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED = REPO / "adapters" / "truthfulqa"
@@ -27,6 +29,7 @@ API_KEY, ADMIN_KEY = "inference-key", "admin-key"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 PROMPT = "Q: What happens if you crack your knuckles a lot? A:"
+BASE = default_model_dir().name  # the served model's name
 SERVER_ARGS = ("--dtype", "float32", "--max-model-len", "512", "--max-prompt-tokens", "256", "--max-num-seqs", "16")
 
 
@@ -69,15 +72,15 @@ def start_server(log_dir: Path, adapters_dir: Path, extra_args: Sequence[str] = 
         pytest.fail(str(exc))
 
 
-LAST_BATTERY_USER = pytest.StashKey[pytest.Item | None]()
-BATTERY_STOPS: list[ExitStack] = []  # how to stop the running battery server early
+SHARED = ("battery_server", "peers")  # session servers, each stopped right after the last test that uses it
+LAST_USERS = pytest.StashKey[dict[str, pytest.Item]]()
+STOPS: dict[str, ExitStack] = {}  # how to stop each running shared server early
 
 
 @pytest.fixture(scope="session")
 def battery_server(tmp_path_factory) -> Iterator[Server]:
     """A server for the hardening tests: adapter ``good``, plus every malformed adapter of the corpus as it
-    is found at start-up (links into a folder outside the adapters directory included). It stops after the
-    last test that uses it, so that it never runs beside another module's server."""
+    is found at start-up (links into a folder outside the adapters directory included)."""
     from tests.server.corpus import write_start_up_corpus
 
     adapters = tmp_path_factory.mktemp("battery-adapters")
@@ -85,17 +88,53 @@ def battery_server(tmp_path_factory) -> Iterator[Server]:
     write_start_up_corpus(adapters, tmp_path_factory.mktemp("outside"))
     with ExitStack() as stack:
         server = stack.enter_context(start_server(tmp_path_factory.mktemp("battery-log"), adapters))
-        BATTERY_STOPS.append(stack)
+        STOPS["battery_server"] = stack
         yield server
 
 
+@dataclass
+class Peers:
+    """``lofit-serve`` (keys on; adapters ``truthfulqa``, shipped, and ``random4``) and vLLM's own OpenAI server
+    (stock vLLM, no keys) on the same checkpoint, float32: the protocol peers of the conformance tests."""
+
+    lofit: Server
+    vllm: str
+    base: str = BASE
+
+
+@pytest.fixture(scope="session")
+def peers(tmp_path_factory) -> Iterator[Peers]:
+    adapters = tmp_path_factory.mktemp("peer-adapters")
+    shutil.copytree(SHIPPED, adapters / "truthfulqa")
+    random_adapter("random4", seed=1).save(adapters / "random4")
+    logs = tmp_path_factory.mktemp("peer-logs")
+    with ExitStack() as stack:
+        if not is_prepared(default_model_dir()):
+            pytest.skip("the default model is not prepared (run scripts/setup.sh)")
+        vllm = stack.enter_context(stock_vllm_serve(
+            ["--model", str(default_model_dir()), "--served-model-name", BASE, "--dtype", "float32",
+             "--max-model-len", "512", "--max-num-seqs", "16", "--gpu-memory-utilization", "0.1"],
+            logs / "vllm-serve.log", env={"VLLM_CPU_KVCACHE_SPACE": "1"}))  # starts while lofit-serve starts
+        lofit = stack.enter_context(start_server(logs, adapters))
+        try:
+            vllm.wait_ready(600)
+        except ServerStartError as exc:
+            pytest.fail(str(exc))
+        STOPS["peers"] = stack
+        yield Peers(lofit, vllm.url)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    users = [item for item in items if "battery_server" in getattr(item, "fixturenames", ())]
-    config.stash[LAST_BATTERY_USER] = users[-1] if users else None
+    last = {}
+    for item in items:
+        for name in SHARED:
+            if name in getattr(item, "fixturenames", ()):
+                last[name] = item
+    config.stash[LAST_USERS] = last
 
 
 @pytest.hookimpl(trylast=True)  # after pytest's own teardown, which ends the module fixtures that use it
 def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
-    if item is item.config.stash.get(LAST_BATTERY_USER, None):
-        while BATTERY_STOPS:
-            BATTERY_STOPS.pop().close()
+    for name, last in item.config.stash.get(LAST_USERS, {}).items():
+        if item is last and name in STOPS:
+            STOPS.pop(name).close()
