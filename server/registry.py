@@ -100,6 +100,13 @@ class AdapterRegistry:
             raise InvalidAdapter(f"adapter {name!r} resolves outside the adapters directory")
         return path
 
+    def without_paths(self, message: str) -> str:
+        """``message`` with the adapters directory's own path removed (``/srv/adapters/x/f`` -> ``x/f``): clients
+        learn which adapter file failed, not where the server keeps it."""
+        for root in {str(self.directory.resolve()), str(self.directory)}:
+            message = message.replace(root + "/", "").replace(root, "the adapters directory")
+        return message
+
     def names_on_disk(self) -> list[str]:
         """Entries that look like adapters, so that start-up loads them or reports why not: folders with an
         ``adapter_config.json``, and links and badly named folders too (hidden ones are the server's own
@@ -137,7 +144,7 @@ class AdapterRegistry:
         try:
             adapter = load_adapter(path, expect_base=self.base)
         except AdapterError as exc:
-            raise InvalidAdapter(str(exc)) from exc
+            raise InvalidAdapter(self.without_paths(str(exc))) from exc
         if adapter.name != name:
             raise InvalidAdapter(f"adapter {name!r}: the files hold an adapter named {adapter.name!r}; "
                                  "the folder name must equal the adapter's name")

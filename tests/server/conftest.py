@@ -72,9 +72,27 @@ def start_server(log_dir: Path, adapters_dir: Path, extra_args: Sequence[str] = 
         pytest.fail(str(exc))
 
 
-SHARED = ("battery_server", "peers")  # session servers, each stopped right after the last test that uses it
+SHARED = ("main_server", "battery_server", "peers")  # session servers, each stopped after its last test
 LAST_USERS = pytest.StashKey[dict[str, pytest.Item]]()
 STOPS: dict[str, ExitStack] = {}  # how to stop each running shared server early
+
+
+@pytest.fixture(scope="session")
+def main_server(tmp_path_factory) -> Iterator[Server]:
+    """The server as users meet it (test_server, test_metrics, test_failed_inputs): the shipped ``truthfulqa``
+    adapter, a random ``random4``, and two folders start-up must skip: ``broken`` (a bad tensors file) and one
+    named as the served model."""
+    adapters = tmp_path_factory.mktemp("adapters")
+    shutil.copytree(SHIPPED, adapters / "truthfulqa")
+    random_adapter("random4", seed=1).save(adapters / "random4")
+    broken = adapters / "broken"
+    shutil.copytree(SHIPPED, broken)
+    (broken / "adapter.safetensors").write_bytes(b"not a safetensors file")
+    random_adapter(BASE, seed=2).save(adapters / BASE)
+    with ExitStack() as stack:
+        server = stack.enter_context(start_server(tmp_path_factory.mktemp("log"), adapters))
+        STOPS["main_server"] = stack
+        yield server
 
 
 @pytest.fixture(scope="session")

@@ -1,33 +1,27 @@
-"""The HTTP server as users meet it: a real ``lofit-serve`` process on 127.0.0.1, shared by the module.
+"""The HTTP server as users meet it: a real ``lofit-serve`` process on 127.0.0.1 (the session's ``main_server``).
 
 It serves SmolLM2-135M in float32 with an API key and an admin key, from an adapters folder holding the
-shipped ``truthfulqa`` adapter, a second random adapter and a broken one (which must be skipped).
+shipped ``truthfulqa`` adapter, a second random adapter, a broken one and one named as the served model (both
+must be skipped).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import json
-import shutil
 import time
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from lofit.adapter import load_adapter
-from tests.server.conftest import ADMIN, API_KEY, AUTH, PROMPT, SHIPPED, random_adapter, start_server, upload_fields
+from tests.server.conftest import ADMIN, API_KEY, AUTH, BASE, PROMPT, SHIPPED, random_adapter, upload_fields
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    adapters = tmp_path_factory.mktemp("adapters")
-    shutil.copytree(SHIPPED, adapters / "truthfulqa")
-    random_adapter("random4", seed=1).save(adapters / "random4")
-    broken = adapters / "broken"
-    shutil.copytree(SHIPPED, broken)
-    (broken / "adapter.safetensors").write_bytes(b"not a safetensors file")
-    with start_server(tmp_path_factory.mktemp("log"), adapters) as server:
-        yield server
+def server(main_server):
+    return main_server
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +41,7 @@ def test_start_up_loads_good_adapters_and_reports_the_broken_one(server, client)
     listed = client.get("/adapters").json()
     assert [a["name"] for a in listed["adapters"]] == ["random4", "truthfulqa"]
     assert "broken" in listed["skipped"] and "safetensors" in listed["skipped"]["broken"].lower()
+    assert "served model's name" in listed["skipped"][BASE]
     info = client.get("/adapters/truthfulqa").json()
     assert info["content_sha256"] == load_adapter(SHIPPED).content_sha256 and info["num_heads"] == 8
     assert client.get("/adapters/broken").status_code == 404
@@ -90,10 +85,10 @@ def test_generate_streams_server_sent_events(client):
 def test_openai_sdk_with_the_adapter_as_model(server, client):
     from openai import OpenAI
 
-    sdk = OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY)
+    sdk = OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0)
     names = {m.id: m.parent for m in sdk.models.list().data}
-    assert names == {"SmolLM2-135M-Instruct": None, "truthfulqa": "SmolLM2-135M-Instruct",
-                     "random4": "SmolLM2-135M-Instruct"}
+    assert names == {BASE: None, "truthfulqa": BASE, "random4": BASE}
+    assert sdk.models.retrieve("truthfulqa").parent == BASE and sdk.models.retrieve(BASE).parent is None
     steered = sdk.completions.create(model="truthfulqa", prompt=PROMPT, max_tokens=12, temperature=0)
     plain = sdk.completions.create(model="SmolLM2-135M-Instruct", prompt=PROMPT, max_tokens=12, temperature=0)
     assert steered.choices[0].text == generate(client, adapter="truthfulqa")["text"]
@@ -182,20 +177,23 @@ def test_broken_adapter_upload_is_rejected_with_its_reason(server, client):
     assert generate(client, adapter="truthfulqa")["text"], "the server keeps serving"
 
 
+def in_engine(client) -> float:
+    """Requests running or waiting in the engine, by vLLM's own gauges."""
+    return metric(client, "vllm:num_requests_running") + metric(client, "vllm:num_requests_waiting")
+
+
 def metric(client, name: str, **labels) -> float:
-    text = client.get("/metrics").text
-    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
-    for line in text.splitlines():
-        if line.startswith(name + ("{" if labels else " ")) and want in line:
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
+    """The sum of the samples named ``name`` whose labels include ``labels`` (parsed as Prometheus does)."""
+    return sum(sample.value for family in text_string_to_metric_families(client.get("/metrics").text)
+               for sample in family.samples
+               if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()))
 
 
 def test_metrics_count_requests_per_adapter(client):
-    before = metric(client, "lofit_requests_total", adapter="random4", route="/generate", status="200")
+    before = metric(client, "lofit_requests_total", adapter="random4", route="/generate", outcome="finished")
     for _ in range(3):
         generate(client, adapter="random4")
-    after = metric(client, "lofit_requests_total", adapter="random4", route="/generate", status="200")
+    after = metric(client, "lofit_requests_total", adapter="random4", route="/generate", outcome="finished")
     assert after - before == 3
     assert client.get("/adapters/random4").json()["requests_served"] >= 3
 
@@ -208,11 +206,11 @@ def test_a_disconnected_stream_frees_its_request(client):
                 break  # leave after the first event
     deadline = time.time() + 30
     while time.time() < deadline:
-        if metric(client, "lofit_requests_running") == 0 and metric(client, "lofit_requests_waiting") == 0:
+        if in_engine(client) == 0:
             break
         time.sleep(0.5)
-    assert metric(client, "lofit_requests_running") == 0 and metric(client, "lofit_requests_waiting") == 0
-    assert metric(client, "lofit_requests_total", adapter="base", route="/generate", status="499") >= 1
+    assert in_engine(client) == 0
+    assert metric(client, "lofit_requests_total", adapter=BASE, route="/generate", outcome="aborted") >= 1
 
 
 def test_an_oversized_body_is_refused(client):
