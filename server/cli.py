@@ -43,7 +43,8 @@ def vllm_namespace(flags: list[str]) -> argparse.Namespace:
                          "`vllm serve` flag)")
     defaults = parser.parse_args([])
     for name, what in UNSUPPORTED.items():
-        if getattr(args, name, None) not in (getattr(defaults, name, None), False, None, 1):
+        value = getattr(args, name, None)
+        if value is True or (value not in (None, False, getattr(defaults, name, None)) and value != 1):
             raise SystemExit(f"lofit-serve: --{name.replace('_', '-')} ({what}) is not supported by lofit-serve")
     return args
 

@@ -36,7 +36,8 @@ def test_environment_sets_defaults_and_flags_win(model_dir, tmp_path, monkeypatc
     assert (settings.host, settings.port, settings.max_model_len, settings.kv_cache_gib) == ("0.0.0.0", 9100,
                                                                                               1024, 3)
     assert (settings.api_key, settings.admin_key) == ("k1", "k2")
-    assert settings.engine_args == {"enforce_eager": True, "max_num_batched_tokens": 256, "seed": 3}
+    args = settings.vllm_args
+    assert (args.enforce_eager, args.max_num_batched_tokens, args.seed) == (True, 256, 3)
 
 
 def test_a_bad_environment_value_is_a_clear_error(model_dir, monkeypatch, capsys):
@@ -66,3 +67,31 @@ def test_the_kv_cache_size_is_whole_gib(model_dir, monkeypatch, capsys):
     with pytest.raises(SystemExit):
         parse(["--kv-cache-gib", "0"])
     assert "at least 1" in capsys.readouterr().err
+
+
+def test_vllm_serve_flags_pass_through_and_keys_stay_ours(model_dir):
+    """Every `vllm serve` flag works (tools, chat templates, ...); the keys never reach vLLM's own check."""
+    from server.app import vllm_args
+
+    settings = parse(["--model", str(model_dir), "--api-key", "k1", "--tool-call-parser", "hermes",
+                      "--enable-auto-tool-choice", "--enable-tokenizer-info-endpoint"])
+    args = vllm_args(settings)
+    assert (args.tool_call_parser, args.enable_auto_tool_choice, args.enable_tokenizer_info_endpoint) == (
+        "hermes", True, True)
+    assert args.api_key is None and args.model == str(model_dir)
+    assert args.hf_overrides == {"architectures": ["LofitLlamaForCausalLM"]}
+    assert "lofit.vllm.admission:LofitRequestValidator" in args.logits_processors
+    assert args.served_model_name == [model_dir.name] and args.disable_log_stats is False
+
+
+@pytest.mark.parametrize("flag", [["--uds", "/tmp/x.sock"], ["--api-server-count", "2"], ["--headless"]])
+def test_vllm_serve_modes_lofit_serve_does_not_run_are_refused(model_dir, flag):
+    with pytest.raises(SystemExit, match="not supported by lofit-serve"):
+        parse(["--model", str(model_dir), *flag])
+
+
+def test_chat_control_tokens_are_text_unless_trusted(model_dir, monkeypatch):
+    assert parse(["--model", str(model_dir)]).trust_chat_control_tokens is False
+    assert parse(["--model", str(model_dir), "--trust-chat-control-tokens"]).trust_chat_control_tokens is True
+    monkeypatch.setenv("LOFIT_TRUST_CHAT_CONTROL_TOKENS", "1")
+    assert parse(["--model", str(model_dir)]).trust_chat_control_tokens is True
