@@ -133,7 +133,7 @@ def peers(tmp_path_factory) -> Iterator[Peers]:
             ["--model", str(default_model_dir()), "--served-model-name", BASE, "--dtype", "float32",
              "--max-model-len", "512", "--max-num-seqs", "16", "--gpu-memory-utilization", "0.1"],
             logs / "vllm-serve.log", env={"VLLM_CPU_KVCACHE_SPACE": "1"}))  # starts while lofit-serve starts
-        lofit = stack.enter_context(start_server(logs, adapters))
+        lofit = stack.enter_context(start_server(logs, adapters, ["--max-prompt-tokens", "500"]))
         try:
             vllm.wait_ready(600)
         except ServerStartError as exc:
