@@ -29,6 +29,7 @@ from typing import Any
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from prometheus_client import CollectorRegistry
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware import Middleware
@@ -51,6 +52,7 @@ from server.vllm_api import (
     get_prometheus_registry,
     init_app_state,
     install_plain_chat_content,
+    install_render_guard,
     install_steering_hook,
     sanitize_message,
 )
@@ -129,6 +131,9 @@ async def start(app: FastAPI, state: ServerState) -> None:
     base = identity_from_checkpoint(settings.model, name=settings.model.name)
     state.engine = start_engine(args)
     await init_app_state(state.engine, app.state, args, SUPPORTED_TASKS)
+    install_render_guard(app.state.online_renderer)
+    if getattr(app.state, "serving_structured_decisions", None) is None:  # vLLM answers 501 for such a model
+        app.router.routes[:] = [r for r in app.router.routes if getattr(r, "path", None) != "/v1/systemone"]
     models = app.state.openai_serving_models
     for path in models.base_model_paths:
         path.model_path = path.name  # GET /v1/models shows names, never server paths
@@ -204,6 +209,9 @@ def create_app(settings: Settings) -> FastAPI:
                        "an adapter's name, or `adapter` / `adapter_scale` / `adapters` in the body.")
     app.state.lofit = ServerState(settings)
     app.router.routes[:] = [r for r in app.router.routes if getattr(r, "path", None) != "/health"]  # ours below
+    for route in app.router.routes:  # vLLM answers 404 for an unknown response id but does not document it
+        if "{response_id}" in getattr(route, "path", "") and isinstance(route, APIRoute):
+            route.responses.setdefault(404, {"description": "no response with this id"})
     for module in (api_generate, api_models, api_adapters, api_ops):
         app.include_router(module.router)
     _install_errors(app)

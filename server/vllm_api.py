@@ -16,6 +16,9 @@ checks that each still exists, so an upgrade that moves one fails in one spot:
 * ``renderer.render_messages`` / ``render_messages_async`` (``renderers/hf.py``: a chat rendered to
   ``(conversation, {"prompt": text})``) — :func:`install_plain_chat_content` tokenises message content as plain
   text (:mod:`server.chat_tokens`);
+* ``OnlineRenderer.render_chat`` / ``render_responses`` / ``render_completion`` (``renderers/online_renderer.py``)
+  — :func:`install_render_guard` turns the ``IndexError``/``KeyError`` vLLM 0.32 raises on some malformed
+  inputs (a ``/v1/responses`` message item with an empty ``content`` list) into its 400 instead of a 500;
 * ``with_cancellation`` (``serve/utils/api_utils.py``), ``sanitize_message`` and ``create_error_response``
   (``serve/exception_handling``), ``get_prometheus_registry`` (``v1/metrics/prometheus.py``).
 """
@@ -35,7 +38,8 @@ from vllm.utils.argparse_utils import FlexibleArgumentParser
 from vllm.v1.metrics.prometheus import get_prometheus_registry
 
 __all__ = ["BaseServing", "FlexibleArgumentParser", "build_app", "create_error_response", "get_prometheus_registry",
-           "init_app_state", "install_plain_chat_content", "install_steering_hook", "make_arg_parser",
+           "init_app_state", "install_plain_chat_content", "install_render_guard", "install_steering_hook",
+           "make_arg_parser",
            "sanitize_message", "with_cancellation"]
 
 RESOLVER_ATTR = "lofit_resolver"  # set on the OpenAIServingModels instance by the server
@@ -78,3 +82,25 @@ def install_plain_chat_content(renderer: Any) -> None:
         return conversation, with_plain_content(tokenizer, conversation, prompt, specials)
 
     renderer.render_messages, renderer.render_messages_async = render_messages, render_messages_async
+
+
+def install_render_guard(online_renderer: Any) -> None:
+    """Wrap the renderer's request rendering (instance attributes) so that an ``IndexError`` or ``KeyError``
+    raised while rendering a request — malformed input that vLLM 0.32's request models accept but its
+    renderer does not (found by fuzzing ``/v1/responses``) — is vLLM's 400 ``VLLMValidationError``, not a 500."""
+    from vllm.exceptions import VLLMValidationError
+
+    for name in ("render_chat", "render_responses", "render_completion"):
+        original = getattr(online_renderer, name, None)
+        if original is None or getattr(original, _MARK, False):
+            continue
+
+        async def guarded(*args: Any, __original: Any = original, **kwargs: Any) -> Any:
+            try:
+                return await __original(*args, **kwargs)
+            except (IndexError, KeyError) as exc:
+                raise VLLMValidationError(f"malformed request input: {type(exc).__name__} while rendering it "
+                                          f"({exc})") from exc
+
+        setattr(guarded, _MARK, True)
+        setattr(online_renderer, name, guarded)

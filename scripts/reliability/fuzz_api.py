@@ -12,8 +12,9 @@ and a random name only meets a 404), so generation itself is fuzzed too.
 Each response goes through schemathesis' checks ``not_a_server_error``, ``status_code_conformance``,
 ``content_type_conformance`` and ``response_schema_conformance``; a request that gets no answer within
 ``--timeout`` seconds is a failure too (a hang). Generation is slow on a CPU, so token counts the schema
-allows are bounded by ``--max-tokens`` (larger values the schema refuses are sent as they are); the server
-refuses what does not fit its own limits.
+allows are bounded by ``--max-tokens`` (larger values the schema refuses are sent as they are), ``n`` and
+``best_of`` by 2; the server refuses what does not fit its own limits. The schema is vLLM's whole protocol plus
+ours; ``POST /scale_elastic_ep`` is left out unless ``--operations`` names it (see ``SKIPPED``).
 
 Prints ``cases: N, failures: N, 5xx: N`` and per-operation counts, writes the figures and each distinct
 failure (with a curl command to reproduce it) as JSON to ``--out``, and exits 1 on any failure.
@@ -58,7 +59,11 @@ sys.path.insert(0, str(REPO))
 from server.launch import ServerStartError, running_lofit_serve  # noqa: E402
 
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
-TOKEN_FIELDS = ("max_tokens", "max_completion_tokens")
+TOKEN_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens", "min_tokens", "max_gen_toks")
+COUNT_FIELDS = {"n": 2, "best_of": 2}  # sequences per request: bounded like token counts
+# Operations left out by default, with the reason: vLLM's elastic expert-parallel scaling drains and re-plans the
+# whole deployment (on a server started without it, vLLM answers 500 "Scale failed").
+SKIPPED = {"POST /scale_elastic_ep": "vLLM's elastic scaling of the deployment (500 on a server without it)"}
 SCHEMA_MAX_TOKENS = 32768  # the schema's bound on max_tokens; larger values are left for the server to refuse
 
 
@@ -113,6 +118,10 @@ class Fuzzer:
             value = body.get(name)
             if type(value) is int and self.max_tokens < value <= SCHEMA_MAX_TOKENS:
                 body[name] = self.max_tokens
+        for name, bound in COUNT_FIELDS.items():
+            value = body.get(name)
+            if type(value) is int and bound < value <= SCHEMA_MAX_TOKENS:
+                body[name] = bound
         if case.operation.path == "/v1/chat/completions" and all(body.get(n) is None for n in TOKEN_FIELDS):
             body["max_tokens"] = self.max_tokens
 
@@ -231,7 +240,7 @@ def fuzz_all(url: str, key: str, args: argparse.Namespace) -> dict[str, Any]:
     wanted = re.compile(args.operations) if args.operations else None
     for result in schema.get_all_operations():
         operation = result.ok()
-        if wanted and not wanted.search(operation.label):
+        if (wanted and not wanted.search(operation.label)) or (not wanted and operation.label in SKIPPED):
             continue
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
             started = time.perf_counter()

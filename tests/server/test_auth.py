@@ -54,8 +54,6 @@ ROUTES: dict[tuple[str, str], tuple[str, dict, dict, int]] = {
     ("POST", "/v1/responses/{response_id}/cancel"): (INFERENCE, {}, {"response_id": "resp_none"}, 404),
     ("POST", "/v1/messages"): (INFERENCE, {"json": {"model": BASE, "max_tokens": 1, "messages": CHAT}}, {}, 200),
     ("POST", "/v1/messages/count_tokens"): (INFERENCE, {"json": {"model": BASE, "messages": CHAT}}, {}, 200),
-    ("POST", "/v1/systemone"): (INFERENCE, {"json": {"model": BASE, "state": "x", "questions": {
-        "q": {"type": "boolean", "question": "Is it?"}}}}, {}, 501),  # a model without structured decisions
     ("POST", "/invocations"): (INFERENCE, {"json": {"model": BASE, "prompt": "Hi", "max_tokens": 1}}, {}, 200),
     ("POST", "/generative_scoring"): (INFERENCE, {"json": {"model": BASE, "query": "Is it?", "items": ["yes"],
                                                            "label_token_ids": [1, 2]}}, {}, 200),

@@ -206,3 +206,14 @@ def test_8_no_server_paths_in_answers_and_uploads_keep_the_folder_modes(server, 
     assert stat.S_IMODE((server.adapters / "uploaded").stat().st_mode) == 0o755
     assert stat.S_IMODE((server.adapters / "uploaded" / CONFIG_FILE).stat().st_mode) == 0o644
     admin.delete("/adapters/uploaded")
+
+
+def test_fuzzing_finds_no_server_errors_in_vllms_routes(client):
+    """Kind: malformed input that vLLM 0.32 answers with a 500 (found by ``scripts/reliability/fuzz_api.py``): a
+    ``/v1/responses`` assistant message with no content, and a route for a capability the model lacks."""
+    response = client.post("/v1/responses", json={"model": BASE, "max_output_tokens": 2, "input": [
+        {"type": "message", "role": "assistant", "id": "m1", "status": "completed", "content": []}]})
+    assert response.status_code == 400 and "malformed request input" in response.json()["error"]["message"]
+    assert client.post("/v1/systemone", json={"model": BASE, "state": "x", "questions": {}}).status_code == 404
+    schema = client.get("/openapi.json").json()
+    assert "404" in schema["paths"]["/v1/responses/{response_id}"]["get"]["responses"]
