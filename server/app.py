@@ -209,9 +209,12 @@ def create_app(settings: Settings) -> FastAPI:
                        "an adapter's name, or `adapter` / `adapter_scale` / `adapters` in the body.")
     app.state.lofit = ServerState(settings)
     app.router.routes[:] = [r for r in app.router.routes if getattr(r, "path", None) != "/health"]  # ours below
-    for route in app.router.routes:  # vLLM answers 404 for an unknown response id but does not document it
-        if "{response_id}" in getattr(route, "path", "") and isinstance(route, APIRoute):
-            route.responses.setdefault(404, {"description": "no response with this id"})
+    for route in app.router.routes:  # answers vLLM gives but does not always declare in its schema
+        if isinstance(route, APIRoute):
+            route.responses.setdefault(400, {"description": "invalid request (vLLM answers validation errors "
+                                                            "with 400)"})
+            if "{response_id}" in route.path:
+                route.responses.setdefault(404, {"description": "no response with this id"})
     for module in (api_generate, api_models, api_adapters, api_ops):
         app.include_router(module.router)
     _install_errors(app)
