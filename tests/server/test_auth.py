@@ -152,10 +152,3 @@ def test_routes_outside_the_schema_are_guarded_too(server: Server, kind: str, pa
     refused = inference.status_code == 403 and inference.json()["error"]["message"] == "wrong API key"
     assert refused == (kind == ADMIN), inference.text  # (vLLM refuses its scale-out routes itself: disabled)
 
-
-def test_the_admin_key_is_never_the_inference_key(tmp_path):
-    """lofit-serve refuses to start with one key for both (vLLM's single --api-key is not enough)."""
-    from server.cli import parse
-
-    with pytest.raises(SystemExit):
-        parse(["--api-key", "same", "--admin-key", "same"])

@@ -148,12 +148,18 @@ def same(a: Any, b: Any, where: str = "$") -> None:
 
 
 def events(response: httpx.Response) -> list[Any]:
-    """The server-sent events of a stream, as JSON (``[DONE]`` kept as the string)."""
+    """The server-sent events of a stream, as JSON (``[DONE]`` kept as the string), each choice's events
+    together (with ``n`` > 1 the choices' chunks interleave as the engine happens to finish them)."""
     out = []
     for line in response.text.splitlines():
         if line.startswith("data: "):
             out.append(line[6:] if line == "data: [DONE]" else json.loads(line[6:]))
-    return out
+
+    def choice(event: Any) -> float:
+        choices = event.get("choices") if isinstance(event, dict) else None
+        return choices[0]["index"] if choices else float("inf")
+
+    return sorted(out, key=choice)
 
 
 def send(url: str, case: Case, headers: dict[str, str]) -> tuple[int, Any]:

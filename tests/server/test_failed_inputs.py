@@ -42,16 +42,19 @@ def test_1_an_adapter_unloaded_while_requests_name_it_never_gives_an_empty_succe
     assert admin.post("/adapters", json={"name": "racer"}).status_code == 200
     solo = client.post("/generate", json=body).json()["text"]
     seen = {200: 0, 404: 0}
-    for delay in (0.0, 0.02, 0.05, 0.1, 0.2):
+    senders = [httpx.Client(base_url=server.url, headers=AUTH, timeout=120) for _ in range(24)]
+    for sender in senders:  # connected before the race, so that requests leave at once
+        assert sender.get("/health").status_code == 200
+    for delay in (0.0, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0):
         assert admin.post("/adapters", json={"name": "racer"}).status_code == 200
         start = threading.Barrier(25)
 
         def one(i: int, start: threading.Barrier = start) -> httpx.Response:
             start.wait()
             if i % 2:
-                return httpx.post(f"{server.url}/generate", json=body, headers=AUTH, timeout=120)
-            return httpx.post(f"{server.url}/v1/completions", headers=AUTH, timeout=120, json={
-                "model": "racer", "prompt": PROMPT, "max_tokens": 6, "temperature": 0})
+                return senders[i].post("/generate", json=body)
+            return senders[i].post("/v1/completions", json={"model": "racer", "prompt": PROMPT, "max_tokens": 6,
+                                                            "temperature": 0})
 
         def unload(delay: float = delay, start: threading.Barrier = start) -> None:
             start.wait()
@@ -70,6 +73,8 @@ def test_1_an_adapter_unloaded_while_requests_name_it_never_gives_an_empty_succe
                 text = answer["text"] if "text" in answer else answer["choices"][0]["text"]
                 finish = answer.get("finish_reason") or answer["choices"][0]["finish_reason"]
                 assert text == solo and finish == "length", answer
+    for sender in senders:
+        sender.close()
     assert seen[200] and seen[404], f"the race was not exercised: {seen}"
 
 

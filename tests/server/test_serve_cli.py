@@ -95,3 +95,9 @@ def test_chat_control_tokens_are_text_unless_trusted(model_dir, monkeypatch):
     assert parse(["--model", str(model_dir), "--trust-chat-control-tokens"]).trust_chat_control_tokens is True
     monkeypatch.setenv("LOFIT_TRUST_CHAT_CONTROL_TOKENS", "1")
     assert parse(["--model", str(model_dir)]).trust_chat_control_tokens is True
+
+
+def test_the_admin_key_is_never_the_inference_key(model_dir):
+    """lofit-serve refuses to start with one key for both (vLLM's single --api-key is not enough)."""
+    with pytest.raises(SystemExit):
+        parse(["--model", str(model_dir), "--api-key", "same", "--admin-key", "same"])
