@@ -17,11 +17,11 @@ from pathlib import Path
 from fastapi import APIRouter, HTTPException, Request, UploadFile
 from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel
-from vllm.entrypoints.serve.lora.protocol import LoadLoRAAdapterRequest, UnloadLoRAAdapterRequest
 
 from lofit.adapter import CONFIG_FILE, TENSORS_FILE
 from server.registry import InvalidAdapter, now_ms
 from server.schemas import AdapterInfo, AdapterList, LoadAdapterRequest, LoadAdapterResult
+from server.vllm_api import LoadLoRAAdapterRequest, UnloadLoRAAdapterRequest
 
 router = APIRouter()
 

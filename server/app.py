@@ -274,18 +274,29 @@ def _body_limit(settings: Settings, method: str) -> int:
     return settings.max_upload_bytes * 2 + 65536 if method == "PUT" else settings.max_body_bytes
 
 
-class BodyLimit:
-    """Count a request body as it arrives and refuse it once past the limit. A chunked body has no
-    Content-Length for the check in :class:`RequestLog`; without this it would be read (or, for an upload,
-    spooled to disk) whole before any handler could refuse it."""
+class HttpMiddleware:
+    """A pure ASGI middleware (no ``BaseHTTPMiddleware``: client disconnects must reach the routes) that handles
+    HTTP requests in :meth:`http` and passes everything else on."""
 
     def __init__(self, app: Any, settings: Settings) -> None:
         self.app, self.settings = app, settings
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
+        if scope["type"] == "http":
+            await self.http(scope, receive, send)
+        else:
             await self.app(scope, receive, send)
-            return
+
+    async def http(self, scope: dict, receive: Any, send: Any) -> None:
+        raise NotImplementedError
+
+
+class BodyLimit(HttpMiddleware):
+    """Count a request body as it arrives and refuse it once past the limit. A chunked body has no
+    Content-Length for the check in :class:`RequestLog`; without this it would be read (or, for an upload,
+    spooled to disk) whole before any handler could refuse it."""
+
+    async def http(self, scope: dict, receive: Any, send: Any) -> None:
         limit, seen = _body_limit(self.settings, scope["method"]), 0
 
         async def limited() -> dict:
@@ -302,18 +313,12 @@ class BodyLimit:
         await self.app(scope, limited, send)
 
 
-class RequestLog:
+class RequestLog(HttpMiddleware):
     """The outermost layer: a request id (``X-Request-Id`` when valid, else a new one; vLLM names its engine
     request after it), the body's declared size, the route label of the ``lofit_*`` metrics, and one JSON log
     line per request."""
 
-    def __init__(self, app: Any, settings: Settings) -> None:
-        self.app, self.settings = app, settings
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def http(self, scope: dict, receive: Any, send: Any) -> None:
         started = time.perf_counter()
         headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"x-request-id"]
         given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")

@@ -19,6 +19,8 @@ checks that each still exists, so an upgrade that moves one fails in one spot:
 * ``OnlineRenderer.render_chat`` / ``render_responses`` / ``render_completion`` (``renderers/online_renderer.py``)
   — :func:`install_render_guard` turns the ``IndexError``/``KeyError`` vLLM 0.32 raises on some malformed
   inputs (a ``/v1/responses`` message item with an empty ``content`` list) into its 400 instead of a 500;
+* ``LoadLoRAAdapterRequest`` / ``UnloadLoRAAdapterRequest`` (``serve/lora/protocol.py``) — the bodies of
+  ``/v1/load_lora_adapter`` and ``/v1/unload_lora_adapter``, which :mod:`server.api_adapters` serves;
 * ``with_cancellation`` (``serve/utils/api_utils.py``), ``sanitize_message`` and ``create_error_response``
   (``serve/exception_handling``), ``get_prometheus_registry`` (``v1/metrics/prometheus.py``).
 """
@@ -33,14 +35,15 @@ from vllm.entrypoints.launchers.cli_args import make_arg_parser
 from vllm.entrypoints.serve.engine.serving import BaseServing
 from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
 from vllm.entrypoints.serve.exception_handling.utils import sanitize_message
+from vllm.entrypoints.serve.lora.protocol import LoadLoRAAdapterRequest, UnloadLoRAAdapterRequest
 from vllm.entrypoints.serve.utils.api_utils import with_cancellation
 from vllm.utils.argparse_utils import FlexibleArgumentParser
 from vllm.v1.metrics.prometheus import get_prometheus_registry
 
-__all__ = ["BaseServing", "FlexibleArgumentParser", "build_app", "create_error_response", "get_prometheus_registry",
-           "init_app_state", "install_plain_chat_content", "install_render_guard", "install_steering_hook",
-           "make_arg_parser",
-           "sanitize_message", "with_cancellation"]
+__all__ = ["BaseServing", "FlexibleArgumentParser", "LoadLoRAAdapterRequest", "UnloadLoRAAdapterRequest", "build_app",
+           "create_error_response", "get_prometheus_registry", "init_app_state", "install_plain_chat_content",
+           "install_render_guard", "install_steering_hook", "make_arg_parser", "sanitize_message",
+           "with_cancellation"]
 
 RESOLVER_ATTR = "lofit_resolver"  # set on the OpenAIServingModels instance by the server
 _MARK = "_lofit_steering"

@@ -16,6 +16,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 
@@ -93,6 +94,20 @@ def main_server(tmp_path_factory) -> Iterator[Server]:
         server = stack.enter_context(start_server(tmp_path_factory.mktemp("log"), adapters))
         STOPS["main_server"] = stack
         yield server
+
+
+@pytest.fixture(scope="module")
+def main_client(main_server) -> Iterator[httpx.Client]:
+    """An HTTP client of ``main_server`` with the inference key."""
+    with httpx.Client(base_url=main_server.url, headers=AUTH, timeout=120) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def main_admin(main_server) -> Iterator[httpx.Client]:
+    """An HTTP client of ``main_server`` with the admin key."""
+    with httpx.Client(base_url=main_server.url, headers=ADMIN, timeout=120) as client:
+        yield client
 
 
 @pytest.fixture(scope="session")
