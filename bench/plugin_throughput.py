@@ -24,6 +24,7 @@ from pathlib import Path
 from common import ADAPTER_HEADS, machine_info, make_adapters, random_token_prompts
 
 from lofit.models import default_model_dir
+from lofit.vllm.contract import RPC_LOAD, extra_args_for
 
 VARIANTS = ("stock", "plugin, no adapter", "plugin, 1 adapter", "plugin, 16 distinct", "plugin, 64 distinct")
 
@@ -32,7 +33,7 @@ def extra_args(variant: str, index: int) -> dict | None:
     if variant in ("stock", "plugin, no adapter"):
         return None
     distinct = {"plugin, 1 adapter": 1, "plugin, 16 distinct": 16, "plugin, 64 distinct": 64}[variant]
-    return {"lofit_adapter": f"bench{index % distinct:02d}"}
+    return extra_args_for(f"bench{index % distinct:02d}")
 
 
 def run_batch(llm, variant: str, round_index: int, args, vocab: int) -> dict:
@@ -71,7 +72,7 @@ def main() -> None:
                "plugin": LLM(str(args.model), hf_overrides={"architectures": ["LofitLlamaForCausalLM"]}, **common)}
     with tempfile.TemporaryDirectory() as tmp:
         for path in make_adapters(args.model, 64, Path(tmp)):
-            engines["plugin"].collective_rpc("lofit_load", args=(path,))
+            engines["plugin"].collective_rpc(RPC_LOAD, args=(path,))
     vocab = engines["stock"].get_tokenizer().vocab_size
 
     samples: dict[str, list[dict]] = {v: [] for v in VARIANTS}

@@ -74,6 +74,7 @@ from common import (  # noqa: E402
 from hot_load import measure_hot_load  # noqa: E402
 
 from lofit.models import default_model_dir  # noqa: E402
+from lofit.vllm.contract import RPC_LOAD, RPC_UNLOAD, extra_args_for  # noqa: E402
 from server.launch import ServerProcess, free_port, lofit_serve_argv, without_lofit  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -165,12 +166,10 @@ def bench_name(i: int) -> str:
 
 def engine_extra_args(choice: Choice) -> dict | None:
     """``SamplingParams.extra_args`` for a LoFiT choice."""
-    if choice is None:
-        return None
     if isinstance(choice, tuple):
         name, strength = choice
-        return {"lofit_adapter": name} if strength == 1.0 else {"lofit_adapter": name, "lofit_scale": strength}
-    return {"lofit_adapters": dict(choice)}
+        return extra_args_for(name if strength == 1.0 else {name: strength})
+    return extra_args_for(choice)
 
 
 def http_fields(choice: Choice) -> dict:
@@ -237,7 +236,7 @@ class EngineTarget:
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        from lofit.vllm.offline import lofit_engine_args
+        from lofit.vllm.architectures import lofit_engine_args
 
         self.name, self.cfg, self.plugin, self.lora_paths = name, cfg, plugin, lora_paths or []
         common = dict(dtype=cfg.dtype, max_model_len=cfg.max_model_len, max_num_seqs=cfg.max_seqs, seed=0,
@@ -468,7 +467,7 @@ def gpu_share(cfg: Config, engines: int) -> float:
 
 async def load_lofit_adapters(target: EngineTarget, paths: list[str]) -> None:
     for path in paths:
-        await target.engine.collective_rpc("lofit_load", args=(path,))
+        await target.engine.collective_rpc(RPC_LOAD, args=(path,))
 
 
 def bank_stats(worker: Any) -> dict:
@@ -546,7 +545,7 @@ async def rss_for_100_loads(target: EngineTarget, cfg: Config) -> dict:
     await load_lofit_adapters(target, paths)
     after = target.memory()
     for i in range(100):
-        await target.engine.collective_rpc("lofit_unload", args=(f"extra{i:02d}",))
+        await target.engine.collective_rpc(RPC_UNLOAD, args=(f"extra{i:02d}",))
     return {"rss_before_mib": before["rss_mib"], "rss_after_mib": after["rss_mib"],
             "pss_before_mib": before["pss_mib"], "pss_after_mib": after["pss_mib"]}
 
@@ -592,9 +591,9 @@ async def phase_lora(cfg: Config, results: dict, paths: list[str]) -> None:
             hot = results["hotload"]
             extra = make_adapters(cfg.model, cfg.loads, cfg.work / "hot-offline", prefix="hot")
             hot["plugin lofit_load (offline engine, collective_rpc)"] = await time_loads(
-                [lambda p=p: targets["plugin-eager"].engine.collective_rpc("lofit_load", args=(p,)) for p in extra])
+                [lambda p=p: targets["plugin-eager"].engine.collective_rpc(RPC_LOAD, args=(p,)) for p in extra])
             for i in range(cfg.loads):
-                await targets["plugin-eager"].engine.collective_rpc("lofit_unload", args=(f"hot{i:02d}",))
+                await targets["plugin-eager"].engine.collective_rpc(RPC_UNLOAD, args=(f"hot{i:02d}",))
             for key in specs:
                 engine = targets[key].engine
                 fresh = lora_paths[key][count:]

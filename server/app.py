@@ -36,7 +36,8 @@ from starlette.middleware import Middleware
 from starlette.routing import Match
 
 from lofit.heads import identity_from_checkpoint
-from lofit.vllm.offline import lofit_engine_args
+from lofit.vllm.architectures import lofit_engine_args
+from lofit.vllm.contract import RPC_STATUS
 from server import api_adapters, api_generate, api_models, api_ops
 from server.api_generate import PromptTooLong
 from server.auth import KeyCheck, send_error
@@ -151,7 +152,7 @@ async def start(app: FastAPI, state: ServerState) -> None:
                         LiveRequests(state.engine.live_requests, settings.max_adapters, settings.base_name)]
     for collector in state.collectors:
         get_prometheus_registry().register(collector)
-    status = await state.engine.collective_rpc("lofit_status")  # answered once the self-test has passed
+    status = await state.engine.collective_rpc(RPC_STATUS)  # answered once the self-test has passed
     log.info("engine ready: %s", status)
     for name in state.registry.names_on_disk():
         try:

@@ -56,7 +56,7 @@ def env_name(flag: str) -> str:
 
 def check_architecture(parser: argparse.ArgumentParser, model: Path) -> None:
     """Refuse, before any engine starts, a checkpoint the LoFiT plugin has no wrapper for."""
-    from lofit.vllm.plugin import BASE_ARCHITECTURES, WRAPPERS
+    from lofit.vllm.architectures import BASE_ARCHITECTURES, WRAPPERS
 
     try:
         architectures = json.loads((model / "config.json").read_text()).get("architectures") or []

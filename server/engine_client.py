@@ -5,7 +5,7 @@ Every route — vLLM's OpenAI layer and ``POST /generate`` alike — reaches the
 ``vllm/engine/protocol.py``). There:
 
 * the request's :class:`~server.steering.Steering` (passed where vLLM passes a ``LoRARequest``) becomes the
-  plugin's ``SamplingParams.extra_args`` (``lofit_adapters``; :mod:`lofit.vllm.requests`), and the
+  plugin's ``SamplingParams.extra_args`` (``lofit_adapters``; :mod:`lofit.vllm.contract`), and the
   ``LoRARequest`` slot is cleared; a request that chose its adapters only in ``vllm_xargs`` and came through a
   route that does not resolve them is resolved here, by the same rules;
 * the names are held (:class:`Admissions`) until the request has been sent to the engine core, so an unload
@@ -29,7 +29,7 @@ from vllm.exceptions import VLLMNotFoundError, VLLMValidationError
 from vllm.sampling_params import RequestOutputKind
 from vllm.v1.engine.async_llm import AsyncLLM
 
-from lofit.vllm.requests import ADAPTERS_KEY
+from lofit.vllm.contract import ADAPTERS_KEY
 from server.steering import STEERING_KEYS, Steering, SteeringResolver
 
 ROUTE: ContextVar[str] = ContextVar("lofit_route", default="engine")  # the HTTP route, set by the middleware

@@ -30,7 +30,7 @@ from typing import Any
 
 from lofit.adapter import CONFIG_FILE, TENSORS_FILE, AdapterError, LofitAdapter, load_adapter
 from lofit.heads import BaseModelIdentity
-from lofit.vllm.salt import Combination
+from lofit.vllm.contract import RPC_LOAD, RPC_UNLOAD, Combination
 from server.schemas import AdapterInfo
 from server.steering import ADAPTER_NAME, Steering
 
@@ -129,7 +129,7 @@ class AdapterRegistry:
             if current is None and len(self.records) >= self.max_adapters:
                 raise InvalidAdapter(f"{self.max_adapters} adapters are loaded, the server's limit "
                                      "(--max-adapters); unload one first")
-            await self.engine.collective_rpc("lofit_load", args=(str(path),))
+            await self.engine.collective_rpc(RPC_LOAD, args=(str(path),))
             record = Record(adapter, path, datetime.now(UTC).isoformat(timespec="seconds"))
             self.records[name] = record
             self.served[name] = Steering.of(name, {name: 1.0}, root=name)
@@ -179,7 +179,7 @@ class AdapterRegistry:
                 admissions = getattr(self.engine, "admissions", None)
                 if admissions is not None:
                     await admissions.wait_released(name)
-                await self.engine.collective_rpc("lofit_unload", args=(name,))
+                await self.engine.collective_rpc(RPC_UNLOAD, args=(name,))
             except BaseException:
                 self.records[name] = record
                 self.served[name] = Steering.of(name, {name: 1.0}, root=name)

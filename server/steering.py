@@ -29,8 +29,7 @@ import msgspec
 from vllm.exceptions import VLLMNotFoundError, VLLMValidationError
 from vllm.lora.request import LoRARequest
 
-from lofit.vllm.requests import ADAPTER_KEY, ADAPTERS_KEY, SCALE_KEY, requested_weights
-from lofit.vllm.salt import CombinationError
+from lofit.vllm.contract import ADAPTER_KEY, ADAPTERS_KEY, SCALE_KEY, CombinationError, requested_weights
 
 ADAPTER_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"  # also the folder name under --adapters-dir
 MAX_WEIGHT, MAX_ADAPTERS = 100.0, 16

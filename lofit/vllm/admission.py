@@ -1,39 +1,74 @@
-"""Admission check: malformed LoFiT ``extra_args`` are refused when a request arrives (HTTP 400 online).
+"""Admission in the engine core: every request is checked against the adapters loaded now and stamped.
 
-vLLM runs every custom logits processor's ``validate_params`` in the front end before a request reaches
-the engine, so this no-op processor is where the request format is checked. Whether a named adapter is
-loaded is the caller's to check (the server's registry); the front end cannot see the workers' banks.
-Enable with ``logits_processors=["lofit.vllm.admission:LofitRequestValidator"]``.
+Every request passes :func:`admit` when the engine core turns it into a scheduler ``Request`` — before its
+KV block hashes exist (:mod:`lofit.vllm.engine_core` installs the call). A steered request is checked
+against the engine's ``{name: content_sha256}`` (kept by :func:`record_rpc` in step with the workers' loads
+and unloads), stamped with the exact content hashes it will use (``extra_args["lofit_resolved"]``), and its
+``cache_salt`` becomes the fingerprint of that content (joined with any client salt). So a client that
+forgets the salt cannot poison the prefix cache, an unknown adapter is a request error rather than a crash
+in the forward pass, and reloading a name never mixes old KV with new content.
 """
 
 from __future__ import annotations
 
-import torch
-from vllm import SamplingParams
-from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
+from typing import Any
 
-from lofit.vllm.requests import requested_weights
-from lofit.vllm.salt import CombinationError
+from lofit.vllm.contract import (
+    RESOLVED_KEY,
+    RPC_LOAD,
+    RPC_UNLOAD,
+    SALT_PREFIX,
+    Combination,
+    CombinationError,
+    combine_salt,
+    requested_weights,
+)
+
+ENGINE_ATTR = "_lofit_adapters"  # on the EngineCore: {name: content_sha256}, or None for a non-LoFiT model
 
 
-class LofitRequestValidator(LogitsProcessor):
-    """Validates ``lofit_adapter`` / ``lofit_scale`` / ``lofit_adapters``; leaves logits untouched."""
+def loaded_adapters(core: Any) -> dict[str, str] | None:
+    """The engine core's ``{name: content_sha256}`` (``None``: it does not serve a LoFiT model)."""
+    return getattr(core, ENGINE_ATTR, None)
 
-    @classmethod
-    def validate_params(cls, sampling_params: SamplingParams) -> None:
-        try:
-            requested_weights(sampling_params.extra_args)
-        except CombinationError as exc:
-            raise ValueError(f"invalid LoFiT adapter request: {exc}") from exc
 
-    def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool) -> None:
-        pass
+class AdmissionError(ValueError):
+    """A request the engine refuses: malformed LoFiT arguments, an unknown adapter, a reserved salt."""
 
-    def apply(self, logits: torch.Tensor) -> torch.Tensor:
-        return logits
 
-    def is_argmax_invariant(self) -> bool:
-        return True
+def admit(loaded: dict[str, str] | None, extra_args: dict[str, Any] | None,
+          client_salt: str | None) -> tuple[dict[str, Any] | None, str | None]:
+    """``(extra_args, cache_salt)`` for a request, given the adapters loaded now (``None``: not a LoFiT model).
 
-    def update_state(self, batch_update: BatchUpdate | None) -> None:
-        pass
+    Raises :class:`AdmissionError` for anything that must not reach the workers.
+    """
+    if client_salt and client_salt.startswith(SALT_PREFIX):
+        raise AdmissionError(f"cache_salt must not start with {SALT_PREFIX!r}: that namespace is LoFiT's own")
+    try:
+        weights = requested_weights(extra_args)
+    except CombinationError as exc:
+        raise AdmissionError(f"invalid LoFiT adapter request: {exc}") from exc
+    extra_args = None if extra_args is None else {k: v for k, v in extra_args.items() if k != RESOLVED_KEY}
+    if weights is None:
+        return extra_args, client_salt
+    if loaded is None:
+        raise AdmissionError("this engine does not serve a LoFiT model wrapper; start it with "
+                             "hf_overrides={'architectures': ['Lofit<Architecture>']} to use adapters")
+    unknown = sorted(set(weights) - set(loaded))
+    if unknown:
+        raise AdmissionError(f"unknown adapter(s) {unknown}; loaded: {sorted(loaded)}")
+    try:
+        combo = Combination.of({name: (loaded[name], weight) for name, weight in weights.items()})
+    except CombinationError as exc:
+        raise AdmissionError(f"invalid LoFiT adapter request: {exc}") from exc
+    return {**extra_args, RESOLVED_KEY: combo.as_list()}, combine_salt(combo.cache_salt, client_salt)
+
+
+def record_rpc(loaded: dict[str, str] | None, method: Any, args: tuple, kwargs: dict | None, results: list) -> None:
+    """Keep the engine's ``{name: content_sha256}`` in step with adapter loads and unloads on the workers."""
+    if loaded is None or not isinstance(method, str):
+        return
+    if method == RPC_LOAD:
+        loaded[results[0]["name"]] = results[0]["content_sha256"]
+    elif method == RPC_UNLOAD:
+        loaded.pop(args[0] if args else (kwargs or {})["name"], None)

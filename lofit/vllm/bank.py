@@ -1,4 +1,5 @@
-"""The adapter bank of one worker: fixed-address offset tables and a per-token row index.
+"""The adapter bank of one worker: fixed-address offset tables, a per-token row index, and the rows that
+running requests hold (:class:`RequestRows`).
 
 ``tables[layer]`` is ``[capacity, heads_local * head_dim]``; row 0 is all zeros ("no adapter") and every
 other row holds the summed, weighted offsets of one adapter combination, laid out exactly like the input
@@ -12,7 +13,7 @@ constants). Rows are reference-counted per combination; a row whose count drops 
 for reuse and is recycled least-recently-used when a new combination needs room.
 
 Adapter content is kept by content hash, and names point at content. A request is admitted with the exact
-content hashes it will use (stamped by the engine, see :mod:`lofit.vllm.engine`), so reloading or
+content hashes it will use (stamped by the engine core, see :mod:`lofit.vllm.admission`), so reloading or
 unloading a name never changes what an admitted request computes, and its prefix-cache salt always
 matches the content its KV was computed with.
 """
@@ -22,12 +23,13 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from lofit.adapter import AdapterError, LofitAdapter
 from lofit.heads import BaseModelIdentity
-from lofit.vllm.salt import Combination
+from lofit.vllm.contract import Combination, requested_weights, resolved_combination
 
 RETAINED = 64  # unnamed, unused adapter contents kept for requests admitted just before a reload or unload
 
@@ -205,3 +207,33 @@ def active_bank() -> AdapterBank:
     if bank is None:
         raise RuntimeError("no LoFiT adapter bank is installed in this process")
     return bank
+
+
+class RequestRows:
+    """Bank rows held by running requests: acquired on a request's first step, released when it ends."""
+
+    def __init__(self, bank: AdapterBank) -> None:
+        self.bank = bank
+        self._held: dict[str, tuple[int, Combination | None]] = {}
+
+    def row_for(self, req_id: str, extra_args: dict[str, Any] | None) -> int:
+        held = self._held.get(req_id)
+        if held is None:
+            combo = resolved_combination(extra_args)
+            if combo is None:  # not stamped by the engine guard (e.g. a bare runner in tests): resolve names now
+                weights = requested_weights(extra_args)
+                combo = None if weights is None else self.bank.combination(weights)
+            held = (0, None) if combo is None else self.bank.acquire(combo)
+            self._held[req_id] = held
+        return held[0]
+
+    def release(self, req_id: str) -> None:
+        """Release the row of ``req_id`` (no-op when it holds none)."""
+        held = self._held.pop(req_id, None)
+        if held is not None and held[1] is not None:
+            self.bank.release(held[1])
+
+    def release_finished(self, live: set[str] | Any) -> None:
+        """Release the rows of tracked requests that are no longer in ``live``."""
+        for req_id in [r for r in self._held if r not in live]:
+            self.release(req_id)

@@ -11,38 +11,14 @@ Example::
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from lofit.vllm.plugin import wrapper_for
+from lofit.vllm.architectures import lofit_engine_args
+from lofit.vllm.contract import RPC_LIST, RPC_LOAD, RPC_UNLOAD, AdapterChoice, extra_args_for
 
-VALIDATOR = "lofit.vllm.admission:LofitRequestValidator"
-AdapterChoice = str | dict[str, float] | None
-
-
-def lofit_engine_args(model: str | Path, **engine_args: Any) -> dict[str, Any]:
-    """vLLM engine arguments that serve ``model`` with its LoFiT wrapper and the admission check."""
-    config = Path(model) / "config.json"
-    if not config.is_file():
-        raise FileNotFoundError(f"{model} is not a local checkpoint directory (no config.json)")
-    architectures = json.loads(config.read_text()).get("architectures") or ["?"]
-    overrides = {**engine_args.pop("hf_overrides", {}), "architectures": [wrapper_for(architectures[0])]}
-    processors = list(engine_args.pop("logits_processors", None) or [])
-    return {"model": str(model), "hf_overrides": overrides,
-            "logits_processors": processors if VALIDATOR in processors else [*processors, VALIDATOR], **engine_args}
-
-
-def extra_args_for(choice: AdapterChoice) -> dict[str, Any] | None:
-    """``SamplingParams.extra_args`` for one prompt's adapter choice."""
-    if choice is None:
-        return None
-    if isinstance(choice, str):
-        return {"lofit_adapter": choice}
-    if isinstance(choice, dict):
-        return {"lofit_adapters": dict(choice)}
-    raise TypeError(f"an adapter choice is a name, a {{name: weight}} dict or None, got {choice!r}")
+__all__ = ["LofitLLM"]
 
 
 class LofitLLM:
@@ -57,15 +33,15 @@ class LofitLLM:
 
     def load(self, path: str | Path) -> dict[str, Any]:
         """Load (or reload) the adapter directory ``path`` on every worker; returns its name and content hash."""
-        return self.llm.collective_rpc("lofit_load", args=(str(path),))[0]
+        return self.llm.collective_rpc(RPC_LOAD, args=(str(path),))[0]
 
     def unload(self, name: str) -> None:
         """Forget ``name``; requests already admitted with it finish with its content."""
-        self.llm.collective_rpc("lofit_unload", args=(name,))
+        self.llm.collective_rpc(RPC_UNLOAD, args=(name,))
 
     def adapters(self) -> dict[str, str]:
         """``{name: content_sha256}`` of the loaded adapters."""
-        return self.llm.collective_rpc("lofit_list")[0]
+        return self.llm.collective_rpc(RPC_LIST)[0]
 
     def generate(self, prompts: str | Sequence[Any], sampling_params: Any = None,
                  adapters: AdapterChoice | Sequence[AdapterChoice] = None, use_tqdm: bool = False) -> list:

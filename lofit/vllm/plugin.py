@@ -1,46 +1,23 @@
-"""The ``vllm.general_plugins`` entry point: register the LoFiT model wrappers and install the hooks.
+"""The ``vllm.general_plugins`` entry point (``pyproject.toml``): register the LoFiT wrappers, install the hooks.
 
 vLLM calls :func:`register` in every process it starts (front end, engine core, workers), possibly more
-than once; everything here is idempotent. Select a wrapper for an ordinary checkpoint with
-``hf_overrides={"architectures": ["LofitLlamaForCausalLM"]}`` (``--hf-overrides`` on the command line).
+than once; everything it calls is idempotent.
 """
 
 from __future__ import annotations
 
-# new architecture name -> the wrapper, as "module:Class" so vLLM imports it lazily in each worker
-WRAPPERS = {
-    "LofitLlamaForCausalLM": "lofit.vllm.models:LofitLlamaForCausalLM",
-    "LofitMistralForCausalLM": "lofit.vllm.models:LofitMistralForCausalLM",
-    "LofitQwen2ForCausalLM": "lofit.vllm.models:LofitQwen2ForCausalLM",
-}
-
-# the stock architecture each wrapper serves
-BASE_ARCHITECTURES = {
-    "LlamaForCausalLM": "LofitLlamaForCausalLM",
-    "MistralForCausalLM": "LofitMistralForCausalLM",
-    "Qwen2ForCausalLM": "LofitQwen2ForCausalLM",
-}
-
-
-def wrapper_for(architecture: str) -> str:
-    """The LoFiT architecture name to serve a checkpoint of ``architecture`` with."""
-    if architecture in WRAPPERS:
-        return architecture
-    try:
-        return BASE_ARCHITECTURES[architecture]
-    except KeyError:
-        raise ValueError(f"LoFiT's vLLM plugin does not support {architecture!r}; supported: "
-                         f"{sorted(BASE_ARCHITECTURES)}") from None
-
 
 def register() -> None:
+    """Install the runner hook, the worker RPCs and the engine-core patches, and register every wrapper of
+    :data:`lofit.vllm.architectures.WRAPPERS` with vLLM's ``ModelRegistry``."""
     from vllm import ModelRegistry
 
-    from lofit.vllm import engine, runner_v1, worker
+    from lofit.vllm import engine_core, runner_v1, worker
+    from lofit.vllm.architectures import WRAPPERS
 
     runner_v1.install()
     worker.install()
-    engine.install()
+    engine_core.install()
     supported = set(ModelRegistry.get_supported_archs())
     for name, target in WRAPPERS.items():
         if name not in supported:

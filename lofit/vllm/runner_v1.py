@@ -12,8 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from lofit.vllm.bank import active_bank, has_bank
-from lofit.vllm.requests import RequestRows
+from lofit.vllm.bank import RequestRows, active_bank, has_bank
 
 _MARK = "_lofit_wrapped"
 

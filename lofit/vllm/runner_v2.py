@@ -20,8 +20,7 @@ from vllm.v1.worker.gpu.mm.encoder_cache import EncoderCache
 from vllm.v1.worker.gpu.model_states.default import DefaultModelState
 from vllm.v1.worker.gpu.states import RequestState
 
-from lofit.vllm.bank import AdapterBank, active_bank
-from lofit.vllm.requests import RequestRows
+from lofit.vllm.bank import AdapterBank, RequestRows, active_bank
 
 
 def fill_token_rows_v2(token_rows: torch.Tensor, slot_rows: torch.Tensor, idx_mapping: torch.Tensor,

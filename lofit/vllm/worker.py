@@ -4,7 +4,8 @@ The plugin adds these methods to vLLM's worker class when it registers (no ``--w
 needed), so ``llm.collective_rpc("lofit_load", args=(path,))`` loads an adapter directory on every rank.
 vLLM runs these calls between engine steps, so they never race a forward pass. Front ends should load
 and unload through the engine (``collective_rpc``), which also keeps the engine's admission registry
-(:mod:`lofit.vllm.engine`) in step.
+(:mod:`lofit.vllm.admission`) in step. The method names and answers are listed in
+:mod:`lofit.vllm.contract` (``RPC_*``).
 """
 
 from __future__ import annotations
@@ -15,9 +16,7 @@ import torch
 
 from lofit.adapter import LofitAdapter, load_adapter
 from lofit.vllm.bank import active_bank, has_bank
-
-SELF_TEST_ADAPTER = "__lofit_self_test__"
-
+from lofit.vllm.contract import SELF_TEST_ADAPTER
 
 V1_RUNNER_MODULE = "vllm.v1.worker.gpu_model_runner"  # GPUModelRunner of the V1 runner (CPU build's base)
 V2_RUNNER_MODULE = "vllm.v1.worker.gpu.model_runner"  # GPUModelRunner of the V2 runner (GPU default)

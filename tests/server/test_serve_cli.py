@@ -80,7 +80,7 @@ def test_vllm_serve_flags_pass_through_and_keys_stay_ours(model_dir):
         "hermes", True, True)
     assert args.api_key is None and args.model == str(model_dir)
     assert args.hf_overrides == {"architectures": ["LofitLlamaForCausalLM"]}
-    assert "lofit.vllm.admission:LofitRequestValidator" in args.logits_processors
+    assert "lofit.vllm.validator:LofitRequestValidator" in args.logits_processors
     assert args.served_model_name == [model_dir.name] and args.disable_log_stats is False
 
 

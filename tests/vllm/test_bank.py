@@ -1,4 +1,5 @@
-"""The adapter bank: fixed-address tables, refcounted rows, the per-token gather-add, TP slicing.
+"""The adapter bank: fixed-address tables, refcounted rows, the per-token gather-add, TP slicing, and the rows
+running requests hold.
 
 These parts of the vLLM plugin are plain torch, so they are checked here against the transformers
 reference path without an engine.
@@ -14,7 +15,7 @@ import torch
 from lofit.adapter import AdapterError, LofitAdapter
 from lofit.heads import BaseModelIdentity
 from lofit.intervene import apply_adapters
-from lofit.vllm.bank import AdapterBank, BankError
+from lofit.vllm.bank import AdapterBank, BankError, RequestRows
 
 
 def make_adapter(identity: BaseModelIdentity, name: str, heads: list[tuple[int, int]], seed: int) -> LofitAdapter:
@@ -171,3 +172,19 @@ def test_gather_add_equals_the_reference_path_on_a_mixed_batch(stories_model, st
         reference = stories_model(input_ids=ids, attention_mask=mask).logits
     for i, seq in enumerate(encoded):
         torch.testing.assert_close(banked[i, : len(seq)], reference[i, : len(seq)], rtol=1e-5, atol=1e-5)
+
+
+def test_rows_are_held_until_the_request_ends(stories_identity):
+    bank = AdapterBank(stories_identity, capacity=3, max_num_tokens=8)
+    bank.load(LofitAdapter(heads=torch.tensor([[0, 0]]), offsets=torch.ones(1, 8), base_model=stories_identity,
+                           name="a"))
+    rows = RequestRows(bank)
+    first = rows.row_for("r1", {"lofit_adapter": "a"})
+    assert rows.row_for("r1", {"lofit_adapter": "a"}) == first, "a request keeps its row across steps"
+    assert rows.row_for("r2", {"lofit_adapter": "a"}) == first and rows.row_for("r3", None) == 0
+    assert bank.refcounts()[("a",)] == 2
+    rows.release_finished({"r2", "r3"})
+    assert bank.refcounts()[("a",)] == 1
+    rows.release_finished(set())
+    assert bank.refcounts()[("a",)] == 0
+    bank.unload("a")

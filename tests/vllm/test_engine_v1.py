@@ -117,10 +117,10 @@ def test_start_up_preloads_adapters_and_the_python_api_steers_per_prompt(offline
 
 
 def test_start_up_checked_the_hook_and_the_self_test_passes(engine):
-    from lofit.vllm import engine as lofit_engine
+    from lofit.vllm import selftest
 
     core = engine.llm_engine.engine_core.engine_core
-    result = lofit_engine.self_test(core)
+    result = selftest.self_test(core)
     assert result["unsteered_change"] <= 1e-3 and result["steered_change"] > 0.5
     assert engine.collective_rpc("lofit_status") == [
         {"bank": True, "runner": "v1", "hook": True,
@@ -128,20 +128,20 @@ def test_start_up_checked_the_hook_and_the_self_test_passes(engine):
 
 
 def test_the_engine_refuses_to_start_when_the_hook_is_missing(engine, monkeypatch):
-    from lofit.vllm import engine as lofit_engine
+    from lofit.vllm import selftest
 
     monkeypatch.setattr("lofit.vllm.runner_v1.hook_installed", lambda runner: False)
-    with pytest.raises(lofit_engine.SelfTestError, match="refusing to start"):
-        lofit_engine.check_workers(engine.llm_engine.engine_core.engine_core)
+    with pytest.raises(selftest.SelfTestError, match="refusing to start"):
+        selftest.check_workers(engine.llm_engine.engine_core.engine_core)
 
 
 def test_the_self_test_fails_loudly_when_steering_does_not_reach_the_model(engine, monkeypatch):
-    from lofit.vllm import engine as lofit_engine
+    from lofit.vllm import selftest
     from lofit.vllm.bank import AdapterBank
 
     monkeypatch.setattr(AdapterBank, "_write", lambda self, index, combo: self.tables[:, index].zero_())
-    with pytest.raises(lofit_engine.SelfTestError, match="steering is not applied"):
-        lofit_engine.self_test(engine.llm_engine.engine_core.engine_core)
+    with pytest.raises(selftest.SelfTestError, match="steering is not applied"):
+        selftest.self_test(engine.llm_engine.engine_core.engine_core)
 
 
 def test_unsteered_engine_equals_the_plain_model(engine, reference):
@@ -192,7 +192,7 @@ def test_prefix_cache_is_keyed_by_adapter_content(engine, reference, adapters, t
 
 
 def test_a_client_salt_is_kept_and_cannot_enter_lofit_namespace(engine, reference, adapters):
-    from lofit.vllm.engine import AdmissionError
+    from lofit.vllm.admission import AdmissionError
 
     load(engine, adapters["a"])
     prompt = PROMPTS[1] + " Think."
@@ -254,7 +254,7 @@ def test_adapters_are_managed_through_collective_rpc(engine, adapters, tmp_path)
     assert engine.collective_rpc("lofit_list")[0]["truthfulqa"] == adapters["a"].content_sha256
     engine.collective_rpc("lofit_unload", args=("truthfulqa",))
     assert "truthfulqa" not in engine.collective_rpc("lofit_list")[0]
-    from lofit.vllm.engine import AdmissionError
+    from lofit.vllm.admission import AdmissionError
 
     with pytest.raises(AdmissionError, match=r"unknown adapter\(s\) \['truthfulqa'\]"):
         engine.generate(PROMPTS[0], SamplingParams(max_tokens=2, extra_args={"lofit_adapter": "truthfulqa"}),
@@ -285,7 +285,7 @@ def test_malformed_adapter_requests_are_refused_at_admission(engine, extra_args)
 
 
 def test_after_an_admission_error_the_engine_has_no_stray_request(engine):
-    from lofit.vllm.engine import AdmissionError
+    from lofit.vllm.admission import AdmissionError
 
     with pytest.raises(AdmissionError, match="unknown adapter"):
         run(engine, [(PROMPTS[0], {"lofit_adapter": "no-such-adapter"})])

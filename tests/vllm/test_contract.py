@@ -1,10 +1,18 @@
-"""Combination fingerprints and the cache salt that isolates steered KV in vLLM's prefix cache."""
+"""The cross-process contract: the request keys in extra_args, combination fingerprints and the cache salt that
+isolates steered KV in vLLM's prefix cache."""
 
 from __future__ import annotations
 
 import pytest
 
-from lofit.vllm.salt import MAX_SALT_LENGTH, Combination, CombinationError, combine_salt
+from lofit.vllm.contract import (
+    MAX_SALT_LENGTH,
+    Combination,
+    CombinationError,
+    combine_salt,
+    extra_args_for,
+    requested_weights,
+)
 
 SHA_A, SHA_B = "a" * 64, "b" * 64
 
@@ -43,3 +51,38 @@ def test_client_salts_are_combined_within_the_limit():
     long = combine_salt(ours, "t" * 200)
     assert len(long) <= MAX_SALT_LENGTH and long.startswith(ours + ":")
     assert long != combine_salt(ours, "u" * 200)
+
+
+def test_requested_weights_forms():
+    assert requested_weights(None) is None and requested_weights({"other": 1}) is None
+    assert requested_weights({"lofit_adapter": "tqa"}) == {"tqa": 1.0}
+    assert requested_weights({"lofit_adapter": "tqa", "lofit_scale": 2}) == {"tqa": 2.0}
+    assert requested_weights({"lofit_adapters": {"a": 1, "b": -0.5}}) == {"a": 1.0, "b": -0.5}
+    assert requested_weights({"lofit_adapters": ["a:1", "b:-0.5", "c"]}) == {"a": 1.0, "b": -0.5, "c": 1.0}
+
+
+@pytest.mark.parametrize("extra_args", [
+    {"lofit_adapter": "a", "lofit_adapters": {"b": 1.0}},
+    {"lofit_adapters": {}},
+    {"lofit_adapters": [1.0]},
+    {"lofit_adapters": ["a:strong"]},
+    {"lofit_adapters": ["a:nan"]},
+    {"lofit_adapter": 3},
+    {"lofit_adapter": "a", "lofit_scale": "big"},
+    {"lofit_adapter": "a", "lofit_scale": float("nan")},
+    {"lofit_adapters": {"a": True}},
+])
+def test_malformed_requests_are_refused(extra_args):
+    with pytest.raises(CombinationError):
+        requested_weights(extra_args)
+
+
+@pytest.mark.parametrize("choice", [None, "tqa", {"a": 1.0, "b": -0.5}])
+def test_what_a_front_end_writes_is_what_the_engine_reads(choice):
+    expected = {"tqa": 1.0} if choice == "tqa" else choice
+    assert requested_weights(extra_args_for(choice)) == expected
+
+
+def test_an_adapter_choice_of_another_type_is_refused():
+    with pytest.raises(TypeError, match="adapter choice"):
+        extra_args_for(["tqa"])
