@@ -23,8 +23,8 @@ from pathlib import Path
 import httpx
 from common import percentile, random_adapter
 
+from lofit.default_model import default_model_dir
 from lofit.heads import identity_from_checkpoint
-from lofit.models import default_model_dir
 
 
 def measure_hot_load(url: str, admin_key: str, adapters_dir: Path, model: Path, loads: int,

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from common import ADAPTER_HEADS, machine_info, make_adapters, random_token_prompts
 
-from lofit.models import default_model_dir
+from lofit.default_model import default_model_dir
 from lofit.vllm.contract import RPC_LOAD, extra_args_for
 
 VARIANTS = ("stock", "plugin, no adapter", "plugin, 1 adapter", "plugin, 16 distinct", "plugin, 64 distinct")

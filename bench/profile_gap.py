@@ -37,7 +37,7 @@ if __name__ == "__main__":  # the engine stays in this process, so the profiler 
 import torch  # noqa: E402
 from common import greedy_generate, machine_info, make_adapters, md_table, random_token_prompts  # noqa: E402
 
-from lofit.models import default_model_dir  # noqa: E402
+from lofit.default_model import default_model_dir  # noqa: E402
 
 PATHS = ("plugin-compiled", "plugin-eager", "reference")
 LOFIT_LABEL = "lofit::gather_add"

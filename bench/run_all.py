@@ -73,7 +73,7 @@ from common import (  # noqa: E402
 )
 from hot_load import measure_hot_load  # noqa: E402
 
-from lofit.models import default_model_dir  # noqa: E402
+from lofit.default_model import default_model_dir  # noqa: E402
 from lofit.vllm.contract import RPC_LOAD, RPC_UNLOAD, extra_args_for  # noqa: E402
 from server.launch import ServerProcess, free_port, lofit_serve_argv, without_lofit  # noqa: E402
 

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
+from lofit.default_model import default_model_dir
 from lofit.intervene import LofitHooks, dense_table
-from lofit.models import default_model_dir
 from lofit.tasks import load_task
 from lofit.train.data import collate, encode_examples, pad_token_id
 from lofit.train.losses import sequence_logprobs

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from common import machine_info, make_adapters, md_table
 
-from lofit.models import default_model_dir
+from lofit.default_model import default_model_dir
 from server.launch import ServerProcess, free_port, lofit_serve_argv, stock_vllm_serve
 
 REPO = Path(__file__).resolve().parents[1]

@@ -73,5 +73,5 @@ else
 fi
 
 # 5. The default model, converted to a plain bf16 Llama checkpoint (skips when already there).
-"$PY" -m lofit.models prepare
+"$PY" -m lofit.default_model prepare
 log "done"

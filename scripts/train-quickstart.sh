@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 bash scripts/setup.sh
-MODEL="$(.venv/bin/python -m lofit.models path)"
+MODEL="$(.venv/bin/python -m lofit.default_model path)"
 OUT="${LOFIT_QUICKSTART_OUT:-runs/quickstart-truthfulqa}"
 echo "[train] lofit-train on $MODEL -> $OUT (a short run: 64 pairs, 1 epoch per stage)"
 exec .venv/bin/lofit-train --model "$MODEL" --task truthfulqa --fold 0 --heads-percent 3 \

@@ -35,7 +35,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware import Middleware
 from starlette.routing import Match
 
-from lofit.heads import identity_from_checkpoint
+from lofit.heads import BaseModelIdentity
 from lofit.vllm.architectures import lofit_engine_args
 from lofit.vllm.contract import RPC_STATUS
 from server import api_adapters, api_generate, api_models, api_ops
@@ -129,8 +129,10 @@ async def start(app: FastAPI, state: ServerState) -> None:
     """Start the engine (its core runs the steering self-test first), vLLM's serving objects over it, then load
     every adapter on disk."""
     settings, args = state.settings, app.state.args
-    base = identity_from_checkpoint(settings.model, name=settings.model.name)
     state.engine = start_engine(args)
+    status = await state.engine.collective_rpc(RPC_STATUS)  # answered once the self-test has passed
+    log.info("engine ready: %s", {k: v for k, v in status[0].items() if k != "base"})
+    base = BaseModelIdentity.from_dict(status[0]["base"])  # the workers' fingerprint of the served weights
     await init_app_state(state.engine, app.state, args, SUPPORTED_TASKS)
     install_render_guard(app.state.online_renderer)
     if getattr(app.state, "serving_structured_decisions", None) is None:  # vLLM answers 501 for such a model
@@ -152,8 +154,6 @@ async def start(app: FastAPI, state: ServerState) -> None:
                         LiveRequests(state.engine.live_requests, settings.max_adapters, settings.base_name)]
     for collector in state.collectors:
         get_prometheus_registry().register(collector)
-    status = await state.engine.collective_rpc(RPC_STATUS)  # answered once the self-test has passed
-    log.info("engine ready: %s", status)
     for name in state.registry.names_on_disk():
         try:
             await state.registry.load(name)

@@ -117,7 +117,11 @@ class AdapterRegistry:
             p.is_symlink() or (p / CONFIG_FILE).is_symlink() or (p / CONFIG_FILE).is_file()))
 
     async def load(self, name: str) -> tuple[Record, bool]:
-        """Load (or reload) ``name`` from the adapters directory; returns the record and whether it changed."""
+        """Load (or reload) ``name`` from the adapters directory; returns the record and whether it changed.
+
+        The record keeps the content hash the workers report (what requests are steered with), not only the one
+        read here first. Raises :class:`InvalidAdapter` for a bad name or folder, a file that fails validation,
+        the adapter limit, or files that changed while loading."""
         path = self.path_for(name)
         if not path.is_dir():
             raise InvalidAdapter(f"no adapter folder {name!r} in the adapters directory")
@@ -129,7 +133,14 @@ class AdapterRegistry:
             if current is None and len(self.records) >= self.max_adapters:
                 raise InvalidAdapter(f"{self.max_adapters} adapters are loaded, the server's limit "
                                      "(--max-adapters); unload one first")
-            await self.engine.collective_rpc(RPC_LOAD, args=(str(path),))
+            served = (await self.engine.collective_rpc(RPC_LOAD, args=(str(path),)))[0]["content_sha256"]
+            if served != adapter.content_sha256:  # the folder changed between our read and the workers'
+                adapter = self.validate(path, name)
+                if adapter.content_sha256 != served:
+                    self.records.pop(name, None)
+                    self.served.pop(name, None)
+                    raise InvalidAdapter(f"adapter {name!r} changed on disk while it was being loaded; "
+                                         "load it again once its files are complete")
             record = Record(adapter, path, datetime.now(UTC).isoformat(timespec="seconds"))
             self.records[name] = record
             self.served[name] = Steering.of(name, {name: 1.0}, root=name)

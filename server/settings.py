@@ -6,7 +6,7 @@ import argparse
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lofit.models import default_model_dir
+from lofit.default_model import default_model_dir
 
 REPO = Path(__file__).resolve().parents[1]
 

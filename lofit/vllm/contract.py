@@ -42,7 +42,8 @@ AdapterChoice = str | dict[str, float] | None  # a name (strength 1), {name: wei
 RPC_LOAD = "lofit_load"  # (path: str) -> {"name", "content_sha256", "num_heads"}
 RPC_UNLOAD = "lofit_unload"  # (name: str) -> None
 RPC_LIST = "lofit_list"  # () -> {name: content_sha256}
-RPC_STATUS = "lofit_status"  # () -> {"bank": bool, "runner": "v1"|"v2"|"unknown", "hook": bool, "class": str}
+RPC_STATUS = "lofit_status"  # () -> {"bank": bool, "base": BaseModelIdentity dict | None, "runner": "v1"|"v2"|
+#                                     "unknown", "hook": bool, "class": str}
 RPC_LOAD_SELF_TEST = "lofit_load_self_test"  # (seed: int) -> like RPC_LOAD, under SELF_TEST_ADAPTER
 SELF_TEST_ADAPTER = "__lofit_self_test__"
 

@@ -55,8 +55,10 @@ class LofitWorkerMethods:
         return active_bank().loaded()
 
     def lofit_status(self) -> dict[str, Any]:
-        """Whether this worker serves a LoFiT model, and its runner and hook (checked at engine start)."""
-        return {"bank": has_bank(), **runner_status(self.model_runner)}
+        """Whether this worker serves a LoFiT model, the served model's identity (``BaseModelIdentity.to_dict()``,
+        ``None`` without a bank), and its runner and hook (checked at engine start)."""
+        base = active_bank().base.to_dict() if has_bank() else None
+        return {"bank": has_bank(), "base": base, **runner_status(self.model_runner)}
 
     def lofit_load_self_test(self, seed: int = 0) -> dict[str, Any]:
         """Load a strong random adapter on every head (same ``seed``, same content on every rank)."""

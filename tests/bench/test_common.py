@@ -73,7 +73,7 @@ def test_random_adapter_is_deterministic(stories_identity):
 def test_text_prompts_have_the_asked_length():
     from transformers import AutoTokenizer
 
-    from lofit.models import default_model_dir, is_prepared
+    from lofit.default_model import default_model_dir, is_prepared
 
     if not is_prepared(default_model_dir()):
         pytest.skip("the default model is not prepared (run scripts/setup.sh)")

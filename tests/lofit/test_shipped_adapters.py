@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from lofit.adapter import load_adapter
+from lofit.default_model import default_model_dir, is_prepared
 from lofit.heads import identity_from_checkpoint
 from lofit.intervene import apply_adapters
-from lofit.models import default_model_dir, is_prepared
 
 ADAPTERS = sorted(p for p in (Path(__file__).resolve().parents[2] / "adapters").iterdir() if p.is_dir())
 

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from lofit.adapter import CONFIG_FILE, TENSORS_FILE, LofitAdapter, load_adapter
-from lofit.models import default_model_dir, is_prepared
+from lofit.default_model import default_model_dir, is_prepared
 from server.launch import ServerStartError, running_lofit_serve, stock_vllm_serve
 
 REPO = Path(__file__).resolve().parents[2]

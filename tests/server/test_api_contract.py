@@ -9,7 +9,7 @@ from http import HTTPStatus
 import httpx
 import pytest
 
-from lofit.models import default_model_dir
+from lofit.default_model import default_model_dir
 from tests.server.conftest import ADMIN, PROMPT, Server
 
 STREAMING_ROUTES = {

@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from lofit.adapter import CONFIG_FILE, TENSORS_FILE
-from lofit.models import default_model_dir
+from lofit.default_model import default_model_dir
 from tests.server.conftest import ADMIN_KEY, API_KEY, Server, upload_fields
 from tests.server.corpus import adapter_files
 

@@ -19,8 +19,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from lofit.default_model import default_model_dir
 from lofit.eval.truthfulqa import format_answer, question_context
-from lofit.models import default_model_dir
 from lofit.tasks.truthfulqa import fold_file, read_items
 from tests.server.conftest import API_KEY, BASE, REPO, SHIPPED, Peers
 

@@ -20,8 +20,8 @@ import pytest
 import torch
 
 from lofit.adapter import load_adapter
+from lofit.default_model import default_model_dir, is_prepared
 from lofit.intervene import apply_adapters, combine
-from lofit.models import default_model_dir, is_prepared
 from tests.server.conftest import AUTH, BASE, SHIPPED, Peers, random_adapter
 
 PROMPT = "Q: Can pigs fly? A:"

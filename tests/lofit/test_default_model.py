@@ -1,4 +1,4 @@
-"""Tests of lofit.models: paths, GGUF lookup and the converted SmolLM2-135M-Instruct checkpoint."""
+"""Tests of lofit.default_model: paths, GGUF lookup and the converted SmolLM2-135M-Instruct checkpoint."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from lofit import models
+from lofit import default_model as models
 
 HAVE_SMOLLM2 = importlib.util.find_spec(models.SMOLLM2_MODULE) is not None
 needs_smollm2 = pytest.mark.skipif(
