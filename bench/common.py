@@ -29,12 +29,7 @@ ADAPTER_HEADS = 8  # the shipped adapter's size (3 % of SmolLM2-135M's 270 heads
 
 def random_adapter(identity: BaseModelIdentity, seed: int, name: str, heads: int = ADAPTER_HEADS) -> LofitAdapter:
     """A LoFiT adapter on ``heads`` random heads with small random offsets (deterministic in ``seed``)."""
-    layout = identity.layout
-    gen = torch.Generator().manual_seed(seed)
-    flat = torch.randperm(layout.num_layers * layout.num_heads, generator=gen)[:heads]
-    picked = torch.stack([flat // layout.num_heads, flat % layout.num_heads], dim=1)
-    return LofitAdapter(heads=picked, offsets=0.1 * torch.randn(heads, layout.head_dim, generator=gen),
-                        base_model=identity, name=name)
+    return LofitAdapter.random(identity, name, heads, seed=seed, scale=0.1)
 
 
 def make_adapters(model_dir: Path, count: int, directory: Path, prefix: str = "bench") -> list[str]:

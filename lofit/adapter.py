@@ -113,6 +113,35 @@ class LofitAdapter:
             self.scales = torch.as_tensor(self.scales, dtype=torch.float32)
         _validate_tensors(self.tensors(), self.base_model, where=f"adapter {self.name!r}")
 
+    @classmethod
+    def random(cls, base_model: BaseModelIdentity, name: str, heads: Any = "all", *, seed: int = 0,
+               scale: float = 1.0, task: str = "random") -> LofitAdapter:
+        """A deterministic random adapter for tests, benchmarks and the engine's self-test (the one builder).
+
+        ``heads``: a list or ``[n, 2]`` int tensor of ``(layer, head)`` pairs, an ``int`` (that many distinct heads
+        drawn by ``torch.randperm`` from the seeded generator), or ``"all"`` (every head, layer-major).
+        ``offsets = scale * N(0, 1)`` of shape ``[num_heads, head_dim]``, float32, drawn from
+        ``torch.Generator().manual_seed(seed)`` after the heads. Raises ``ValueError`` for more heads than the
+        model has, and :class:`AdapterError` for heads outside the model.
+        """
+        layout = base_model.layout
+        gen = torch.Generator().manual_seed(seed)
+        if isinstance(heads, str):
+            if heads != "all":
+                raise ValueError(f"heads must be pairs, a count or 'all', got {heads!r}")
+            picked = torch.tensor([(layer, head) for layer in range(layout.num_layers)
+                                   for head in range(layout.num_heads)])
+        elif isinstance(heads, int):
+            total = layout.num_layers * layout.num_heads
+            if not 0 < heads <= total:
+                raise ValueError(f"cannot pick {heads} heads from a model with {total}")
+            flat = torch.randperm(total, generator=gen)[:heads]
+            picked = torch.stack([flat // layout.num_heads, flat % layout.num_heads], dim=1)
+        else:
+            picked = torch.as_tensor(heads, dtype=torch.int64).reshape(-1, 2)
+        offsets = scale * torch.randn(len(picked), layout.head_dim, generator=gen)
+        return cls(heads=picked, offsets=offsets, base_model=base_model, name=name, task=task)
+
     @property
     def num_heads(self) -> int:
         return int(self.heads.shape[0])

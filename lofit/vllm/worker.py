@@ -12,8 +12,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
 from lofit.adapter import LofitAdapter, load_adapter
 from lofit.vllm.bank import active_bank, has_bank
 from lofit.vllm.contract import SELF_TEST_ADAPTER
@@ -63,10 +61,7 @@ class LofitWorkerMethods:
     def lofit_load_self_test(self, seed: int = 0) -> dict[str, Any]:
         """Load a strong random adapter on every head (same ``seed``, same content on every rank)."""
         bank = active_bank()
-        layout = bank.base.layout
-        heads = torch.tensor([(layer, head) for layer in range(layout.num_layers) for head in range(layout.num_heads)])
-        offsets = torch.randn(len(heads), layout.head_dim, generator=torch.Generator().manual_seed(seed))
-        adapter = LofitAdapter(heads=heads, offsets=offsets, base_model=bank.base, name=SELF_TEST_ADAPTER)
+        adapter = LofitAdapter.random(bank.base, SELF_TEST_ADAPTER, "all", seed=seed)
         return {"name": adapter.name, "content_sha256": bank.load(adapter), "num_heads": adapter.num_heads}
 
 

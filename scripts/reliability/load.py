@@ -39,7 +39,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import torch
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
@@ -75,11 +74,8 @@ CHOICES = [
 
 def random_adapter(name: str, seed: int) -> LofitAdapter:
     """Strong random offsets on 4 heads of the served model (they visibly change the output)."""
-    base = load_adapter(SHIPPED).base_model
-    gen = torch.Generator().manual_seed(seed)
-    heads = torch.tensor([(3, 1), (9, 4), (17, 6), (26, 2)])
-    return LofitAdapter(heads=heads, offsets=2.0 * torch.randn(4, 64, generator=gen), base_model=base, name=name,
-                        task="random")
+    return LofitAdapter.random(load_adapter(SHIPPED).base_model, name, [(3, 1), (9, 4), (17, 6), (26, 2)],
+                               seed=seed, scale=2.0)
 
 
 @contextmanager

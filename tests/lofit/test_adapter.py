@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 from lofit.adapter import (
     CONFIG_FILE,
     TENSORS_FILE,
+    AdapterError,
     AdapterFileMissingError,
     AdapterFormatError,
     AdapterHashMismatchError,
@@ -226,3 +227,24 @@ def test_config_nested_too_deeply_or_too_large_is_a_format_error(saved: Path):
         handle.truncate(5 * 1024 * 1024)
     with pytest.raises(AdapterFormatError, match="far larger than any adapter config"):
         load_adapter(saved)
+
+
+def test_random_adapters_are_deterministic_in_their_seed(stories_identity: BaseModelIdentity):
+    layout = stories_identity.layout
+    one = LofitAdapter.random(stories_identity, "r", 5, seed=3, scale=0.5)
+    assert one.content_sha256 == LofitAdapter.random(stories_identity, "r", 5, seed=3, scale=0.5).content_sha256
+    assert one.content_sha256 != LofitAdapter.random(stories_identity, "r", 5, seed=4, scale=0.5).content_sha256
+    assert one.num_heads == 5 and len(set(one.head_list())) == 5 and one.offsets.shape == (5, layout.head_dim)
+    every = LofitAdapter.random(stories_identity, "all", "all")
+    assert every.num_heads == layout.num_layers * layout.num_heads
+    pairs = LofitAdapter.random(stories_identity, "p", [(1, 0), (0, 1)], seed=2, scale=2.0)
+    assert pairs.head_list() == [(0, 1), (1, 0)]
+    gen = torch.Generator().manual_seed(2)
+    assert torch.equal(pairs.offsets, (2.0 * torch.randn(2, layout.head_dim, generator=gen))[[1, 0]])
+
+
+@pytest.mark.parametrize(("heads", "error"), [(0, ValueError), (10**6, ValueError), ("some", ValueError),
+                                              ([(99, 0)], AdapterError)])
+def test_random_adapters_refuse_impossible_heads(stories_identity: BaseModelIdentity, heads, error):
+    with pytest.raises(error):
+        LofitAdapter.random(stories_identity, "r", heads)

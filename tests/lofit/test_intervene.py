@@ -20,9 +20,7 @@ def capture_o_proj_inputs(model) -> tuple[list[torch.Tensor], list]:
 
 def make_adapter(identity: BaseModelIdentity, heads: list[tuple[int, int]], seed: int,
                  scale: float = 0.5) -> LofitAdapter:
-    gen = torch.Generator().manual_seed(seed)
-    offsets = torch.randn(len(heads), identity.head_dim, generator=gen) * scale
-    return LofitAdapter(heads=torch.tensor(heads), offsets=offsets, base_model=identity, name=f"a{seed}")
+    return LofitAdapter.random(identity, f"a{seed}", heads, seed=seed, scale=scale)
 
 
 def test_offsets_and_scales_touch_exactly_the_selected_columns(stories_model, stories_tokenizer):

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-import torch
 
 from lofit.adapter import CONFIG_FILE, TENSORS_FILE, LofitAdapter, load_adapter
 from lofit.default_model import default_model_dir, is_prepared
@@ -36,11 +35,8 @@ SERVER_ARGS = ("--dtype", "float32", "--max-model-len", "512", "--max-prompt-tok
 
 def random_adapter(name: str, seed: int) -> LofitAdapter:
     """A 4-head adapter for the served model with strong random offsets (it visibly changes the output)."""
-    shipped = load_adapter(SHIPPED)
-    gen = torch.Generator().manual_seed(seed)
-    heads = torch.tensor([(4, 1), (11, 3), (18, 6), (25, 2)])
-    return LofitAdapter(heads=heads, offsets=2.0 * torch.randn(4, 64, generator=gen), base_model=shipped.base_model,
-                        name=name, task="random")
+    return LofitAdapter.random(load_adapter(SHIPPED).base_model, name, [(4, 1), (11, 3), (18, 6), (25, 2)],
+                               seed=seed, scale=2.0)
 
 
 def upload_fields(config: bytes, tensors: bytes) -> dict[str, tuple[str, bytes]]:

@@ -57,8 +57,8 @@ def tiny_checkpoint(directory: Path, architecture: str) -> Path:
 
 def random_adapter(model_dir: Path, name: str, heads: list[tuple[int, int]], seed: int) -> LofitAdapter:
     identity = identity_from_checkpoint(model_dir, name=model_dir.name)
-    offsets = 2.0 * torch.randn(len(heads), 32, generator=torch.Generator().manual_seed(seed))
-    return LofitAdapter(heads=torch.tensor(heads), offsets=offsets, base_model=identity, name=name)
+    assert identity.head_dim == 32
+    return LofitAdapter.random(identity, name, heads, seed=seed, scale=2.0)
 
 
 CASES = [  # (extra_args, [(adapter key, strength)])

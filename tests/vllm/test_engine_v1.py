@@ -66,9 +66,7 @@ def reference():
 def adapters(tmp_path_factory) -> dict[str, LofitAdapter]:
     """The shipped adapter and a second, random one on other heads, saved where workers can load them."""
     shipped = load_adapter(ADAPTER)
-    heads = torch.tensor([(3, 1), (12, 5), (21, 2), (27, 8)])
-    offsets = 0.5 * torch.randn(4, 64, generator=torch.Generator().manual_seed(1))
-    other = LofitAdapter(heads=heads, offsets=offsets, base_model=shipped.base_model, name="random4")
+    other = LofitAdapter.random(shipped.base_model, "random4", [(3, 1), (12, 5), (21, 2), (27, 8)], seed=1, scale=0.5)
     other.path = other.save(tmp_path_factory.mktemp("adapters") / "random4")
     shipped.path = ADAPTER
     return {"a": shipped, "b": other}

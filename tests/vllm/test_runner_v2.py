@@ -135,8 +135,7 @@ def vllm_config(stories_dir) -> VllmConfig:
 
 
 def make_adapter(identity: BaseModelIdentity, name: str, heads: list[tuple[int, int]], seed: int) -> LofitAdapter:
-    offsets = torch.randn(len(heads), identity.head_dim, generator=torch.Generator().manual_seed(seed))
-    return LofitAdapter(heads=torch.tensor(heads), offsets=offsets, base_model=identity, name=name)
+    return LofitAdapter.random(identity, name, heads, seed=seed)
 
 
 @pytest.fixture()
