@@ -91,6 +91,30 @@ class BaseModelIdentity:
         return out
 
 
+def check_head_count(heads: int | None, heads_percent: float | None) -> None:
+    """Exactly one of ``--heads K`` / ``--heads-percent P`` is given and in range (checked before a model loads).
+
+    Raises ``ValueError`` with the message the CLIs show."""
+    if (heads is None) == (heads_percent is None):
+        raise ValueError("give exactly one of --heads K or --heads-percent P")
+    if heads is not None and heads < 1:
+        raise ValueError("--heads must be at least 1")
+    if heads_percent is not None and not 0 < heads_percent <= 100:
+        raise ValueError("--heads-percent must be in (0, 100]")
+
+
+def choose_k(total_heads: int, heads: int | None, heads_percent: float | None) -> int:
+    """K, the number of heads an adapter steers: ``heads``, or ``round(total_heads * heads_percent / 100)`` at
+    least 1 (the paper selects 3 % or 10 % of all heads: ``docs/lofit-method.md``, Sec. 3.1).
+
+    Raises ``ValueError`` for a bad setting (:func:`check_head_count`) or a K above ``total_heads``."""
+    check_head_count(heads, heads_percent)
+    k = heads if heads is not None else round(total_heads * heads_percent / 100)
+    if k > total_heads:
+        raise ValueError(f"--heads {k} exceeds the model's {total_heads} heads")
+    return max(1, k)
+
+
 def _head_dim(config: dict[str, Any]) -> int:
     head_dim = config.get("head_dim")
     return int(head_dim) if head_dim else config["hidden_size"] // config["num_attention_heads"]

@@ -45,7 +45,14 @@ import torch
 from tqdm.auto import tqdm
 
 from lofit.adapter import LofitAdapter
-from lofit.heads import BaseModelIdentity, identity_from_checkpoint, layout_from_config, o_proj_modules
+from lofit.heads import (
+    BaseModelIdentity,
+    check_head_count,
+    choose_k,
+    identity_from_checkpoint,
+    layout_from_config,
+    o_proj_modules,
+)
 from lofit.modes import eval_mode
 from lofit.picture import heads_png
 from lofit.tasks.base import PACKAGE_DATA, TaskError, file_identity, require_file
@@ -281,23 +288,16 @@ def iti_offsets(probes: HeadProbes, heads: list[tuple[int, int]], alpha: float) 
     return (alpha * sigma[:, None] * probes.directions[index[:, 0], index[:, 1]]).float()
 
 
-def check_heads_setting(heads: int | None, heads_percent: float | None) -> None:
-    """Exactly one of ``--heads K`` / ``--heads-percent P``, in range (checked before the model is loaded)."""
-    if (heads is None) == (heads_percent is None):
-        raise BaselineError("give exactly one of --heads K or --heads-percent P")
-    if heads is not None and heads < 1:
-        raise BaselineError("--heads must be at least 1")
-    if heads_percent is not None and not 0 < heads_percent <= 100:
-        raise BaselineError("--heads-percent must be in (0, 100]")
-
-
-def choose_k(total_heads: int, heads: int | None, heads_percent: float | None) -> int:
-    """K from ``--heads`` or ``round(total * percent / 100)`` (at least 1), as ``lofit-train`` computes it."""
-    check_heads_setting(heads, heads_percent)
-    k = heads if heads is not None else round(total_heads * heads_percent / 100)
-    if k > total_heads:
-        raise BaselineError(f"--heads {k} exceeds the model's {total_heads} heads")
-    return max(1, k)
+def _k(total_heads: int | None, heads: int | None, heads_percent: float | None) -> int | None:
+    """K as ``lofit-train`` computes it (:func:`lofit.heads.choose_k`), or only the setting checked when
+    ``total_heads`` is None; raises :class:`BaselineError`."""
+    try:
+        if total_heads is None:
+            check_head_count(heads, heads_percent)
+            return None
+        return choose_k(total_heads, heads, heads_percent)
+    except ValueError as exc:
+        raise BaselineError(str(exc)) from None
 
 
 def build_iti_adapter(probes: HeadProbes, k: int, alpha: float, identity: BaseModelIdentity, name: str,
@@ -333,7 +333,7 @@ def make_iti_adapter(model_dir: str, out: str, *, task: str = "truthfulqa", fold
     if fold is not None and task != "truthfulqa":
         raise BaselineError(f"--fold is only for --task truthfulqa ({task} has no folds)")
     fold = 0 if fold is None else fold
-    check_heads_setting(heads, heads_percent)
+    _k(None, heads, heads_percent)
     if not math.isfinite(alpha) or alpha <= 0:
         raise BaselineError("--alpha must be a positive number")
     if limit is not None and limit < 2:
@@ -347,7 +347,7 @@ def make_iti_adapter(model_dir: str, out: str, *, task: str = "truthfulqa", fold
     tokenizer, model = load_model(model_dir, dtype, device)
     identity = identity_from_checkpoint(model_dir, name=Path(model_dir).resolve().name)
     layout = layout_from_config(model.config)
-    k = choose_k(layout.total_heads, heads, heads_percent)
+    k = _k(layout.total_heads, heads, heads_percent)
     activations = head_activations(model, tokenizer, labelled.texts, batch_size, progress)
     captured = time.perf_counter()
     probes = fit_heads(activations, labelled.labels, labelled.groups, seed)

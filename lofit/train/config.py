@@ -8,6 +8,8 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+from lofit.heads import check_head_count, choose_k
+
 # Reference learning rates and L1 weights (Llama-2-7B rows of the official scripts, lofit-method.md §7).
 TASK_DEFAULTS: dict[str, dict[str, float]] = {
     "truthfulqa": {"lr_a": 5e-3, "l1": 5e-4, "lr_v": 1e-2},
@@ -72,12 +74,10 @@ class TrainConfig:
             out.epochs_a = out.epochs
         if out.epochs_v is None:
             out.epochs_v = out.epochs
-        if (out.heads is None) == (out.heads_percent is None):
-            raise ConfigError("give exactly one of --heads K or --heads-percent P")
-        if out.heads is not None and out.heads < 1:
-            raise ConfigError("--heads must be at least 1")
-        if out.heads_percent is not None and not 0 < out.heads_percent <= 100:
-            raise ConfigError("--heads-percent must be in (0, 100]")
+        try:
+            check_head_count(out.heads, out.heads_percent)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         if out.random_heads and out.heads_from:
             raise ConfigError("--random-heads and --heads-from both choose the heads; give at most one")
         if out.dtype not in ("float32", "bfloat16"):
@@ -96,11 +96,11 @@ class TrainConfig:
         return out
 
     def num_heads(self, total_heads: int) -> int:
-        """K: ``--heads`` or ``round(total * percent / 100)`` (at least 1, at most all heads)."""
-        k = self.heads if self.heads is not None else round(total_heads * self.heads_percent / 100)
-        if k > total_heads:
-            raise ConfigError(f"--heads {k} exceeds the model's {total_heads} heads")
-        return max(1, k)
+        """K (:func:`lofit.heads.choose_k`); raises :class:`ConfigError`."""
+        try:
+            return choose_k(total_heads, self.heads, self.heads_percent)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
 
     def hyperparameters(self) -> dict[str, Any]:
         """What the adapter records (paths and switches that do not change the result left out)."""

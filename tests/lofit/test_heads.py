@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 from lofit.heads import (
     HeadLayout,
     UnsupportedModelError,
+    choose_k,
     identity_from_checkpoint,
     identity_from_model,
     layout_from_config,
@@ -62,3 +63,17 @@ def test_checkpoint_without_o_proj_is_refused(stories_dir, tmp_path):
     save_file(tensors, str(dst / "model.safetensors"))
     with pytest.raises(UnsupportedModelError, match="o_proj"):
         identity_from_checkpoint(dst)
+
+
+def test_k_is_a_count_or_a_rounded_percentage_of_all_heads():
+    assert choose_k(270, 8, None) == 8
+    assert choose_k(270, None, 3) == 8 and choose_k(270, None, 10) == 27  # the paper's 3 % and 10 %
+    assert choose_k(270, None, 0.1) == 1  # at least one head
+
+
+@pytest.mark.parametrize(("heads", "percent", "message"), [
+    (None, None, "exactly one"), (8, 3, "exactly one"), (0, None, "at least 1"), (None, 0, r"\(0, 100\]"),
+    (None, 101, r"\(0, 100\]"), (271, None, "exceeds the model's 270 heads")])
+def test_bad_head_counts_are_refused(heads, percent, message):
+    with pytest.raises(ValueError, match=message):
+        choose_k(270, heads, percent)
