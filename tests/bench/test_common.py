@@ -70,14 +70,10 @@ def test_random_adapter_is_deterministic(stories_identity):
     assert a.num_heads == 8
 
 
-def test_text_prompts_have_the_asked_length():
+def test_text_prompts_have_the_asked_length(prepared_model_dir):
     from transformers import AutoTokenizer
 
-    from lofit.default_model import default_model_dir, is_prepared
-
-    if not is_prepared(default_model_dir()):
-        pytest.skip("the default model is not prepared (run scripts/setup.sh)")
-    tokenizer = AutoTokenizer.from_pretrained(default_model_dir())
+    tokenizer = AutoTokenizer.from_pretrained(prepared_model_dir)
     prompts = text_prompts(tokenizer, 4, 32, seed=0)
     assert len(set(prompts)) == 4
     for text in prompts:

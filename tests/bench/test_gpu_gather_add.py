@@ -42,6 +42,7 @@ def test_gather_add_is_the_banks_apply(stories_identity):
     torch.testing.assert_close(addmm_fold(folded, 0, bank.token_rows, x, wo), bank.apply(0, x) @ wo.t())
 
 
+@pytest.mark.slow
 def test_runs_on_cpu(tmp_path):
     out = tmp_path / "gather.json"
     proc = run("--device", "cpu", "--iters", "2", "--repeats", "1", "--out", str(out))
@@ -53,6 +54,7 @@ def test_runs_on_cpu(tmp_path):
     assert all(r["ms"]["attention block + o_proj"] > 0 for r in result["results"])
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 def test_triton_kernels_agree_in_the_interpreter():
     proc = run("--device", "cpu", "--triton", "--check-only", "--dtype", "float32", env={"TRITON_INTERPRET": "1"})

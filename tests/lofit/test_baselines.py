@@ -181,6 +181,7 @@ def test_activations_are_each_heads_output_at_the_last_real_token(stories_model,
         assert torch.allclose(batched[row, 2].flatten(), expected, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("planted", [(1, 6), (3, 2)])
 def test_probes_rank_a_planted_head_first(stories_model, stories_tokenizer, planted):
     """Make one head's output carry the label (±3 along a fixed direction) and check ITI ranks it first.
@@ -247,6 +248,7 @@ def test_iti_adapter_loads_for_the_base_model_and_steers(iti_adapter, stories_di
     assert (steered - plain).abs().max() > 1e-3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("task", "limit", "texts"), [("arc", 12, 48), ("boolq", 6, 12), ("mquake", 10, 20)])
 def test_iti_for_another_task_writes_an_adapter_of_that_task(stories_dir, tmp_path, capsys, task, limit, texts):
     out = tmp_path / f"iti-{task}"
@@ -287,6 +289,7 @@ def test_iti_model_that_is_not_a_checkpoint(tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.slow
 def test_lofit_baseline_console_script_help():
     command = [str(LOFIT_BASELINE)] if LOFIT_BASELINE.exists() else [sys.executable, "-m", "lofit.baselines.cli"]
     result = subprocess.run([*command, "iti", "--help"], capture_output=True, text=True, timeout=120)
@@ -315,6 +318,7 @@ def random_heads_run(stories_dir: Path, out: Path, seed: int) -> int:
                        "--no-mc-eval", "--no-progress"])
 
 
+@pytest.mark.slow
 def test_train_random_heads_skips_stage1_and_draws_seeded_heads(stories_dir, tmp_path, monkeypatch, capsys):
     def no_stage1(*_args, **_kwargs):
         raise AssertionError("stage 1 must not run with --random-heads")

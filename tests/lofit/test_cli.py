@@ -14,6 +14,8 @@ from lofit.adapter import load_adapter
 from lofit.heads import identity_from_checkpoint
 from lofit.train.cli import main
 
+pytestmark = pytest.mark.slow  # CLI subprocesses / servers: not part of the fast inner loop
+
 LOFIT_TRAIN = Path(sys.executable).with_name("lofit-train")
 
 

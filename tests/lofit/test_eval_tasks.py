@@ -160,6 +160,7 @@ def test_truthfulqa_scores_the_reference_continuations():
                                           / (2.718281828 ** -1 + 2.718281828 ** -2 + 2.718281828 ** -3))
 
 
+@pytest.mark.slow
 def test_transformers_backend_equals_the_validated_scorer(stories_dir, stories_model, stories_tokenizer):
     backend = TransformersBackend(stories_dir)
     context = question_context("Once upon a time, who was there?")
@@ -171,6 +172,7 @@ def test_transformers_backend_equals_the_validated_scorer(stories_dir, stories_m
     assert prefix_ids + cont_ids == stories_tokenizer("Lily went home")["input_ids"]
 
 
+@pytest.mark.slow
 def test_lofit_eval_cli_writes_json_and_markdown(stories_dir, tmp_path):
     out = tmp_path / "arc.json"
     run = subprocess.run([sys.executable, "-m", "lofit.eval.cli", "--model", str(stories_dir), "--task", "arc",
@@ -184,6 +186,7 @@ def test_lofit_eval_cli_writes_json_and_markdown(stories_dir, tmp_path):
     assert "| base | test |" in out.with_suffix(".md").read_text()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra", [["--no-base"], ["--limit", "0"], ["--task", "siqa"]])
 def test_lofit_eval_cli_refuses_bad_input(stories_dir, tmp_path, extra):
     args = ["--model", str(stories_dir), "--task", "arc", "--backend", "transformers", "--out",

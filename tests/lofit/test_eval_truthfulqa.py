@@ -42,6 +42,7 @@ def test_prompt_strings():
     assert QA_PRIMER.count("\nA: ") == 6 and QA_PRIMER.count("\n\nQ: ") == 5
 
 
+@pytest.mark.slow
 def test_cached_prefix_scores_equal_full_forward_passes(stories_model, stories_tokenizer):
     context = question_context("Can pigs fly?")
     answers = ["No, pigs cannot fly.", "Yes, pigs can fly.", "I have no comment."]

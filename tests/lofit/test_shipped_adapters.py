@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lofit.adapter import load_adapter
-from lofit.default_model import default_model_dir, is_prepared
+from lofit.default_model import default_model_dir
 from lofit.heads import identity_from_checkpoint
 from lofit.intervene import apply_adapters
 
@@ -16,9 +16,7 @@ ADAPTERS = sorted(p for p in (Path(__file__).resolve().parents[2] / "adapters").
 
 
 @pytest.fixture(scope="module")
-def default_model():
-    if not is_prepared(default_model_dir()):
-        pytest.skip("the default model is not prepared (run scripts/setup.sh)")
+def default_model(prepared_model_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = default_model_dir()

@@ -103,6 +103,7 @@ def last_token_logprobs(model, contexts: list[list[int]]) -> torch.Tensor:
     return torch.stack([torch.log_softmax(model(torch.tensor([c])).logits[0, -1], -1) for c in contexts])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("trial", [0, 1])
 def test_stage1_finds_the_heads_of_a_planted_signal(stories_model, stories_tokenizer, trial):
     """Plant a signal in three random heads and check stage 1 ranks exactly those three on top.

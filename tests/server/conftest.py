@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 from lofit.adapter import CONFIG_FILE, TENSORS_FILE, LofitAdapter, load_adapter
-from lofit.default_model import default_model_dir, is_prepared
+from lofit.default_model import default_model_dir
 from server.launch import ServerStartError, running_lofit_serve, stock_vllm_serve
 
 REPO = Path(__file__).resolve().parents[2]
@@ -55,10 +55,9 @@ class Server:
 @contextmanager
 def start_server(log_dir: Path, adapters_dir: Path, extra_args: Sequence[str] = (), *, keys: bool = True,
                  timeout: float = 420) -> Iterator[Server]:
-    """Run ``lofit-serve`` on a free port until the block ends; waits for ``/ready`` (skips without the model).
-    ``keys=False`` starts it without keys: inference open, adapter administration disabled."""
-    if not is_prepared(default_model_dir()):
-        pytest.skip("the default model is not prepared (run scripts/setup.sh)")
+    """Run ``lofit-serve`` on a free port until the block ends; waits for ``/ready``. Callers need the fixture
+    ``prepared_model_dir`` (the gate). ``keys=False`` starts it without keys: inference open, adapter
+    administration disabled."""
     args = ["--adapters-dir", str(adapters_dir), *(("--api-key", API_KEY, "--admin-key", ADMIN_KEY) if keys else ()),
             *SERVER_ARGS, *extra_args]
     try:
@@ -75,7 +74,7 @@ STOPS: dict[str, ExitStack] = {}  # how to stop each running shared server early
 
 
 @pytest.fixture(scope="session")
-def main_server(tmp_path_factory) -> Iterator[Server]:
+def main_server(tmp_path_factory, prepared_model_dir) -> Iterator[Server]:
     """The server as users meet it (test_server, test_metrics, test_failed_inputs): the shipped ``truthfulqa``
     adapter, a random ``random4``, and two folders start-up must skip: ``broken`` (a bad tensors file) and one
     named as the served model."""
@@ -107,7 +106,7 @@ def main_admin(main_server) -> Iterator[httpx.Client]:
 
 
 @pytest.fixture(scope="session")
-def battery_server(tmp_path_factory) -> Iterator[Server]:
+def battery_server(tmp_path_factory, prepared_model_dir) -> Iterator[Server]:
     """A server for the hardening tests: adapter ``good``, plus every malformed adapter of the corpus as it
     is found at start-up (links into a folder outside the adapters directory included)."""
     from tests.server.corpus import write_start_up_corpus
@@ -132,14 +131,12 @@ class Peers:
 
 
 @pytest.fixture(scope="session")
-def peers(tmp_path_factory) -> Iterator[Peers]:
+def peers(tmp_path_factory, prepared_model_dir) -> Iterator[Peers]:
     adapters = tmp_path_factory.mktemp("peer-adapters")
     shutil.copytree(SHIPPED, adapters / "truthfulqa")
     random_adapter("random4", seed=1).save(adapters / "random4")
     logs = tmp_path_factory.mktemp("peer-logs")
     with ExitStack() as stack:
-        if not is_prepared(default_model_dir()):
-            pytest.skip("the default model is not prepared (run scripts/setup.sh)")
         vllm = stack.enter_context(stock_vllm_serve(
             ["--model", str(default_model_dir()), "--served-model-name", BASE, "--dtype", "float32",
              "--max-model-len", "512", "--max-num-seqs", "16", "--gpu-memory-utilization", "0.1"],

@@ -14,10 +14,13 @@ import time
 
 import httpx
 import psutil
+import pytest
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from server.launch import free_port
 from tests.server.conftest import REPO, SERVER_ARGS, random_adapter, start_server
+
+pytestmark = pytest.mark.slow  # servers in subprocesses: not part of the fast inner loop
 
 
 def engine_core_pids(server_pid: int) -> list[int]:
@@ -26,7 +29,7 @@ def engine_core_pids(server_pid: int) -> list[int]:
             or any("EngineCore" in part for part in (p.cmdline() or []))]
 
 
-def test_without_an_admin_key_admin_is_off_and_a_dead_engine_ends_the_server_with_1(tmp_path):
+def test_without_an_admin_key_admin_is_off_and_a_dead_engine_ends_the_server_with_1(tmp_path, prepared_model_dir):
     adapters = tmp_path / "adapters"
     random_adapter("good", seed=3).save(adapters / "good")
     with start_server(tmp_path, adapters, keys=False) as server:

@@ -19,7 +19,7 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 from vllm import SamplingParams  # noqa: E402
 
 from lofit.adapter import LofitAdapter, load_adapter  # noqa: E402
-from lofit.default_model import default_model_dir, is_prepared  # noqa: E402
+from lofit.default_model import default_model_dir  # noqa: E402
 from lofit.intervene import apply_adapters, combine  # noqa: E402
 
 PROMPTS = [
@@ -33,10 +33,8 @@ NEW_TOKENS = 10
 
 
 @pytest.fixture(scope="module")
-def offline():
+def offline(prepared_model_dir):
     """The Python API's engine, started with the shipped adapters preloaded through ``LOFIT_ADAPTERS``."""
-    if not is_prepared(default_model_dir()):
-        pytest.skip("the default model is not prepared (run scripts/setup.sh)")
     from lofit.vllm.offline import LofitLLM
 
     os.environ["LOFIT_ADAPTERS"] = str(ADAPTER.parent)
