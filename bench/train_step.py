@@ -23,12 +23,12 @@ from pathlib import Path
 import torch
 
 from lofit.default_model import default_model_dir
+from lofit.hf import load_model, pad_token_id
 from lofit.intervene import LofitHooks, dense_table
 from lofit.tasks import load_task
-from lofit.train.data import collate, encode_examples, pad_token_id
+from lofit.train.data import collate, encode_examples
 from lofit.train.losses import sequence_logprobs
 from lofit.train.objective import Objective
-from lofit.train.pipeline import load_model
 
 
 def spread_heads(num_layers: int, num_heads: int, k: int) -> list[tuple[int, int]]:

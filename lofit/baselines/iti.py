@@ -53,13 +53,12 @@ from lofit.heads import (
     layout_from_config,
     o_proj_modules,
 )
-from lofit.modes import eval_mode
+from lofit.hf import eval_mode, load_model, pad_token_id, seed_everything
 from lofit.picture import heads_png
 from lofit.tasks.base import PACKAGE_DATA, TaskError, file_identity, require_file
 from lofit.tasks.instruct import PROMPT, RESPONSE, answer_labels, instruct_rows
 from lofit.tasks.mquake import prompt_of, read_cases
 from lofit.tasks.truthfulqa import TruthfulQAItem, fold_file, read_items
-from lofit.train.data import pad_token_id
 from lofit.train.stage1 import RANKING_KEPT, rank_heads
 
 TEXT_FORMAT = "Q: {question}\nA: {answer}"
@@ -326,8 +325,6 @@ def make_iti_adapter(model_dir: str, out: str, *, task: str = "truthfulqa", fold
 
     ``fold`` (default 0) is TruthfulQA's only; giving it with another task is an error.
     """
-    from lofit.train.pipeline import load_model, seed_everything
-
     if task not in ITI_TASKS:
         raise BaselineError(f"ITI has no task {task!r}; its tasks are {', '.join(ITI_TASKS)}")
     if fold is not None and task != "truthfulqa":

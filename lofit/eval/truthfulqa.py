@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from tqdm.auto import tqdm
 
 from lofit.eval.backends import prefix_continuation_logprobs
-from lofit.modes import eval_mode
+from lofit.hf import eval_mode
 from lofit.tasks.truthfulqa import TruthfulQAItem
 
 INSTRUCTION = (

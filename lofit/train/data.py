@@ -75,10 +75,3 @@ def collate(encoded: list[tuple[Encoded, ...]], indices: list[int], pad_id: int)
         attention[row, :n] = 1
         scored[row, :n] = torch.tensor(seq.mask)
     return Batch(ids, attention, scored, torch.tensor(indices))
-
-
-def pad_token_id(tokenizer) -> int:
-    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
-        if candidate is not None:
-            return int(candidate)
-    return 0

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lofit.modes import eval_mode
+from lofit.hf import eval_mode
 from lofit.train.data import Batch, Encoded, collate
 from lofit.train.losses import dpo_loss, sequence_logprobs, sft_loss
 

@@ -3,45 +3,22 @@
 from __future__ import annotations
 
 import json
-import random
 import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-
 from lofit.adapter import REPORT_FILE, LofitAdapter, load_adapter
 from lofit.heads import identity_from_checkpoint
+from lofit.hf import load_model, pad_token_id, seed_everything
 from lofit.intervene import LofitHooks, apply_adapters
 from lofit.picture import heads_png
 from lofit.tasks import TaskData, load_task
 from lofit.train.config import ConfigError, TrainConfig
-from lofit.train.data import encode_examples, pad_token_id
+from lofit.train.data import encode_examples
 from lofit.train.objective import Objective
 from lofit.train.stage1 import random_selection, select_heads, selection_from_adapter
 from lofit.train.stage2 import tune_offsets
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def load_model(model_dir: str, dtype: str, device: str):
-    """Tokenizer and frozen causal LM from a local Hugging Face checkpoint directory."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = Path(model_dir)
-    if not (path / "config.json").is_file():
-        raise ConfigError(f"--model {model_dir}: not a Hugging Face checkpoint directory (no config.json); "
-                          "run scripts/setup.sh to prepare the default model")
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(device)
-    model.requires_grad_(False)
-    return tokenizer, model
 
 
 def _truthfulqa_mc(model, tokenizer, adapter: LofitAdapter, fold: int, limit: int | None,

@@ -8,9 +8,10 @@ import random
 import pytest
 import torch
 
+from lofit.hf import pad_token_id
 from lofit.intervene import LofitHooks
 from lofit.tasks import PreferencePair, SFTExample
-from lofit.train.data import Encoded, collate, encode, encode_examples, pad_token_id
+from lofit.train.data import Encoded, collate, encode, encode_examples
 from lofit.train.losses import dpo_loss
 from lofit.train.objective import Objective
 from lofit.train.stage1 import rank_heads, select_heads

@@ -1,0 +1,57 @@
+"""Hugging Face model helpers shared by the trainer, the baselines, the evaluator and the benchmarks.
+
+Loading a local checkpoint frozen, seeding every generator, running a block in eval mode, and the pad id.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's global generators."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def load_model(model_dir: str | Path, dtype: str, device: str):
+    """``(tokenizer, model)`` from a local Hugging Face checkpoint directory; the model frozen
+    (``requires_grad_(False)``) in ``dtype`` (a torch dtype name, e.g. ``"float32"``) on ``device``.
+
+    Raises ``FileNotFoundError`` when ``model_dir`` has no ``config.json``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(model_dir)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"--model {model_dir}: not a Hugging Face checkpoint directory (no config.json); "
+                                "run scripts/setup.sh to prepare the default model")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(device)
+    model.requires_grad_(False)
+    return tokenizer, model
+
+
+@contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Run the block with ``model.eval()``, then put the model back in the mode it was in (also on error)."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def pad_token_id(tokenizer) -> int:
+    """The id to pad batches with: the tokenizer's pad token, else its end-of-sequence token, else 0."""
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
+        if candidate is not None:
+            return int(candidate)
+    return 0
