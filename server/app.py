@@ -57,6 +57,7 @@ from server.vllm_api import (
     install_steering_hook,
     sanitize_message,
 )
+from server.vllm_flags import vllm_namespace
 
 log = logging.getLogger("lofit.server")
 SUPPORTED_TASKS = ("generate",)
@@ -90,8 +91,6 @@ def vllm_args(settings: Settings) -> argparse.Namespace:
     """vLLM's ``vllm serve`` arguments for the settings: the user's vLLM flags, with the model, its LoFiT
     wrapper and admission check, and lofit-serve's own flags applied (keys stay with lofit-serve)."""
     if settings.vllm_args is None:
-        from server.cli import vllm_namespace
-
         settings.vllm_args = vllm_namespace(list(settings.vllm_flags))
     args = copy.copy(settings.vllm_args)
     given = {flag.split("=")[0].lstrip("-").replace("-", "_") for flag in settings.vllm_flags if flag.startswith("--")}
