@@ -22,10 +22,28 @@ except m.PackageNotFoundError:
     pass' "$1"
 }
 
-# 1. Virtualenv (and a one-off pip upgrade).
+# 1. Virtualenv with Python 3.11 (vLLM 0.32's wheels and this package need it), and a one-off pip upgrade.
+#    LOFIT_PYTHON names the interpreter; else python3.11, else python3 when it is 3.11.
+is_311() { "$1" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' >/dev/null 2>&1; }
+if [[ -x "$PY" ]] && ! is_311 "$PY"; then
+    echo "[setup] .venv uses $("$PY" --version 2>&1), not Python 3.11; remove it (rm -rf .venv) and run again" >&2
+    exit 2
+fi
 if [[ ! -x "$PY" ]]; then
-    log "creating .venv with $(python3 --version)"
-    python3 -m venv "$VENV"
+    BASE_PY=""
+    for candidate in "${LOFIT_PYTHON:-}" python3.11 python3; do
+        if [[ -n "$candidate" ]] && command -v "$candidate" >/dev/null 2>&1 && is_311 "$candidate"; then
+            BASE_PY="$candidate"
+            break
+        fi
+    done
+    if [[ -z "$BASE_PY" ]]; then
+        echo "[setup] Python 3.11 is needed (found: $(python3 --version 2>&1 || echo 'no python3')); install it" \
+             "(e.g. apt install python3.11 python3.11-venv) or point LOFIT_PYTHON at one" >&2
+        exit 2
+    fi
+    log "creating .venv with $("$BASE_PY" --version)"
+    "$BASE_PY" -m venv "$VENV" || { rm -rf "$VENV"; exit 2; }
 fi
 if [[ ! -f "$VENV/.lofit-pip-upgraded" ]]; then
     log "upgrading pip"

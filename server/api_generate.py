@@ -12,7 +12,7 @@ from typing import Any
 
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from vllm.exceptions import GenerationError
+from vllm.exceptions import GenerationError, VLLMValidationError
 
 from server.schemas import STREAMED, AdapterUsed, GenerateRequest, GenerateResult, TokenLogprob, Usage
 from server.steering import Steering
@@ -26,16 +26,13 @@ class PromptTooLong(ValueError):
 
 
 def request_steering(state: Any, body: GenerateRequest) -> Steering | None:
-    """The body's adapter choice (422 when it gives both forms; 404 for an adapter not loaded)."""
-    if body.adapter is not None and body.adapters is not None:
-        raise HTTPException(422, "give either 'adapter' (with 'adapter_scale') or 'adapters', not both")
-    if body.adapters is not None:
-        fields = {"adapters": dict(body.adapters)}
-    elif body.adapter is not None:
-        fields = {"adapter": body.adapter, "adapter_scale": body.adapter_scale}
-    else:
-        return None
-    return state.resolver.resolve(None, fields)
+    """The body's steering, by the rules of every route (:mod:`server.steering`): ``model``, ``adapter``,
+    ``adapter_scale``, ``adapters``. A malformed choice is this route's 422; an adapter not loaded, 404."""
+    fields = {"adapter": body.adapter, "adapter_scale": body.adapter_scale, "adapters": body.adapters}
+    try:
+        return state.resolver.resolve(body.model, fields)
+    except VLLMValidationError as exc:
+        raise HTTPException(422, str(exc)) from None
 
 
 def adapter_used(state: Any, steering: Steering | None) -> AdapterUsed:

@@ -3,15 +3,19 @@
 A chat template wraps each message in the model's control tokens (ChatML: ``<|im_start|>user\\n...<|im_end|>``).
 vLLM renders the template to a string and tokenises the whole string, so a message whose *content* contains
 ``<|im_end|>\\n<|im_start|>system\\n...`` becomes real control tokens: the client injects a turn of another
-role. Here, when some message content contains one of the tokenizer's special-token strings, the rendered
-prompt is tokenised piece by piece instead: the template's own text with its control tokens, each message's
-content with ``split_special_tokens=True`` (its ``<|im_end|>`` becomes the tokens of the characters
-``<``, ``|``, ``im``, ...). Prompts without such strings keep vLLM's tokenisation exactly.
+role. Here, when some message content contains one of the tokenizer's special-token strings, the template is
+rendered a second time with every text content replaced by a unique placeholder (the *skeleton*): what lies
+between placeholders is the template's own text, tokenised with its control tokens, and each content is
+tokenised with ``split_special_tokens=True`` (its ``<|im_end|>`` becomes the tokens of the characters ``<``,
+``|``, ``im``, ...). The skeleton with the contents put back must equal vLLM's rendered prompt, character for
+character, or the request is refused (400). Prompts without such strings keep vLLM's tokenisation exactly.
 ``lofit-serve --trust-chat-control-tokens`` turns this off (vLLM's own behaviour) for trusted clients.
 """
 
 from __future__ import annotations
 
+import re
+import secrets
 from collections.abc import Sequence
 from typing import Any
 
@@ -38,40 +42,72 @@ def contents(conversation: Sequence[dict[str, Any]]) -> list[str]:
     return [c for c in out if c]
 
 
-def plain_content_ids(tokenizer: Any, prompt: str, conversation: Sequence[dict[str, Any]],
-                      specials: Sequence[str]) -> list[int] | None:
-    """Token ids of ``prompt`` with each message's content tokenised as plain text, or ``None`` when no content
-    holds a special-token string (then vLLM's own tokenisation stands).
+def with_placeholders(messages: Sequence[Any]) -> tuple[list[Any], dict[str, str]] | None:
+    """A copy of the request's ``messages`` with every text content (a string, or the ``text`` of a content part)
+    replaced by a unique placeholder, and ``{placeholder: text}``; ``None`` when a message is not a dict (its
+    content cannot be replaced, so it cannot be isolated)."""
+    nonce = secrets.token_hex(6)
+    texts: dict[str, str] = {}
+
+    def mark(text: str) -> str:
+        key = f"LOFITPLACEHOLDER{nonce}N{len(texts)}X"
+        texts[key] = text
+        return key
+
+    out = []
+    for message in messages:
+        if not isinstance(message, dict):
+            return None
+        message = dict(message)
+        content = message.get("content")
+        if isinstance(content, str) and content:
+            message["content"] = mark(content)
+        elif isinstance(content, list):
+            message["content"] = [{**part, "text": mark(part["text"])} if isinstance(part, dict) and isinstance(
+                part.get("text"), str) and part["text"] else part for part in content]
+        out.append(message)
+    return out, texts
+
+
+def needs_isolation(conversation: Sequence[dict[str, Any]], specials: Sequence[str]) -> bool:
+    """Whether some message content holds a special-token string."""
+    return any(special in text for text in contents(conversation) for special in specials)
+
+
+def plain_content_ids(tokenizer: Any, prompt: str, skeleton: str, texts: dict[str, str]) -> list[int]:
+    """Token ids of ``prompt`` (vLLM's rendering) with each content tokenised as plain text, from ``skeleton`` (the
+    same template rendered with the placeholders of :func:`with_placeholders`) and ``{placeholder: text}``.
 
     Raises:
-        VLLMValidationError: a content with control-token strings does not appear verbatim in the rendered
-            prompt (a template that rewrites content), so it cannot be isolated safely (HTTP 400).
+        VLLMValidationError: the skeleton with the contents put back is not ``prompt`` (a template that rewrites
+            or inspects content), so the contents cannot be isolated safely (HTTP 400).
     """
-    texts = contents(conversation)
-    if not any(special in text for text in texts for special in specials):
-        return None
+    pattern = re.compile("|".join(re.escape(key) for key in texts)) if texts else None
     ids: list[int] = []
+    rebuilt: list[str] = []
     pos = 0
-    for text in texts:
-        at = prompt.find(text, pos)
-        if at < 0:
-            if any(special in text for special in specials):
-                raise VLLMValidationError("a message holds control-token strings and this model's chat template "
-                                          "rewrites message content, so they cannot be kept as plain text; "
-                                          "remove them from the message", parameter="messages")
-            continue
-        ids += tokenizer.encode(prompt[pos:at], add_special_tokens=False)
+    for match in pattern.finditer(skeleton) if pattern else ():
+        template, text = skeleton[pos:match.start()], texts[match.group()]
+        ids += tokenizer.encode(template, add_special_tokens=False)
         ids += tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)
-        pos = at + len(text)
-    ids += tokenizer.encode(prompt[pos:], add_special_tokens=False)
+        rebuilt += [template, text]
+        pos = match.end()
+    ids += tokenizer.encode(skeleton[pos:], add_special_tokens=False)
+    rebuilt.append(skeleton[pos:])
+    if "".join(rebuilt) != prompt:
+        raise VLLMValidationError("a message holds control-token strings and this model's chat template rewrites "
+                                  "or inspects message content, so they cannot be kept as plain text; remove them "
+                                  "from the message", parameter="messages")
     return ids
 
 
-def with_plain_content(tokenizer: Any, conversation: Any, prompt: Any, specials: Sequence[str]) -> Any:
-    """vLLM's rendered chat ``prompt`` (a dict with ``prompt``), with ``prompt_token_ids`` from
-    :func:`plain_content_ids` when needed; other prompts (already tokenised, multimodal) unchanged."""
+def with_plain_content(tokenizer: Any, prompt: Any, skeleton: Any, texts: dict[str, str]) -> Any:
+    """vLLM's rendered chat ``prompt`` (a dict with ``prompt``) with ``prompt_token_ids`` from
+    :func:`plain_content_ids`; other prompts (already tokenised, multimodal) unchanged."""
     if (not isinstance(prompt, dict) or not isinstance(prompt.get("prompt"), str) or "prompt_token_ids" in prompt
             or "multi_modal_data" in prompt):
         return prompt
-    ids = plain_content_ids(tokenizer, prompt["prompt"], conversation, specials)
-    return prompt if ids is None else {**prompt, "prompt_token_ids": ids}
+    if not isinstance(skeleton, dict) or not isinstance(skeleton.get("prompt"), str):
+        raise VLLMValidationError("a message holds control-token strings that cannot be isolated for this "
+                                  "request; remove them from the message", parameter="messages")
+    return {**prompt, "prompt_token_ids": plain_content_ids(tokenizer, prompt["prompt"], skeleton["prompt"], texts)}

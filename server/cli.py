@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import shlex
+import socket
 import sys
 from pathlib import Path
 
@@ -101,14 +102,46 @@ def parse(argv: list[str] | None = None) -> Settings:
                     vllm_flags=rest, vllm_args=vllm_namespace(rest))
 
 
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def own_log_handler() -> None:
+    """Give the ``lofit`` loggers (request lines, start-up) their own INFO handler on stderr. Importing vLLM's app
+    pulls in ``model_hosting_container_standards``, which sets the root logger and its handlers to ERROR
+    (``SAGEMAKER_CONTAINER_LOG_LEVEL``, default ERROR), which would silence them."""
+    logger = logging.getLogger("lofit")
+    if not any(getattr(h, "_lofit", False) for h in logger.handlers):
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        handler._lofit = True
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Exit 2 at once when ``host:port`` cannot be listened on (in use, or not an address of this machine),
+    rather than after the engine has started (minutes)."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(address)
+    except OSError as exc:
+        print(f"lofit-serve: cannot listen on {host}:{port}: {exc.strerror or exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 def main(argv: list[str] | None = None) -> None:
     import uvicorn
 
     from server.app import create_app
 
     settings = parse(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    check_port_free(settings.host, settings.port)
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     app = create_app(settings)
+    own_log_handler()
     tls = {name: getattr(settings.vllm_args, name) for name in ("ssl_keyfile", "ssl_certfile", "ssl_ca_certs",
                                                                  "ssl_cert_reqs", "ssl_ciphers")}
     server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info",

@@ -41,8 +41,12 @@ class Sampling(Strict):
 
 class GenerateRequest(Sampling):
     prompt: str | list[str] = Field(..., description="one prompt, or a list (one result each)")
+    model: str | None = Field(None, description="as on /v1: the served model's name (no adapter) or an adapter's "
+                              "name (that adapter at strength 1); null = the served model")
     adapter: str | None = Field(None, pattern=ADAPTER_NAME, description="a loaded adapter; null = base model")
-    adapter_scale: float = Field(1.0, ge=-100.0, le=100.0, description="strength of `adapter`")
+    adapter_scale: float | None = Field(None, ge=-100.0, le=100.0, allow_inf_nan=False,
+                                        description="strength of `adapter` (or of the adapter named as `model`); "
+                                                    "default 1")
     adapters: dict[str, float] | None = Field(None, description="weighted sum of loaded adapters {name: weight}")
     logprobs: int | None = Field(None, ge=0, le=20, description="log-probs of the top-N tokens at each step")
     stream: bool = False

@@ -82,11 +82,13 @@ def steering_fields(fields: Mapping[str, Any] | None, xargs: Mapping[str, Any] |
         raise VLLMValidationError("give the adapter choice once: in the body or in vllm_xargs, not both",
                                   parameter="adapter")
     out: dict[str, Any] = {}
+    spelled: dict[str, str] = {}
     for key, value in (found[0][1] if found else {}).items():
         plugin_key = FIELDS.get(key, key)
         if plugin_key in out:
-            raise VLLMValidationError(f"{key!r} is given twice (as {key!r} and as {plugin_key!r})", parameter=key)
-        out[plugin_key] = value
+            raise VLLMValidationError(f"the same choice is given twice (as {spelled[plugin_key]!r} and as {key!r}); "
+                                      "give it once", parameter=key)
+        out[plugin_key], spelled[plugin_key] = value, key
     return out
 
 

@@ -37,6 +37,7 @@ from vllm.entrypoints.serve.exception_handling.error_response import create_erro
 from vllm.entrypoints.serve.exception_handling.utils import sanitize_message
 from vllm.entrypoints.serve.lora.protocol import LoadLoRAAdapterRequest, UnloadLoRAAdapterRequest
 from vllm.entrypoints.serve.utils.api_utils import with_cancellation
+from vllm.exceptions import VLLMValidationError
 from vllm.utils.argparse_utils import FlexibleArgumentParser
 from vllm.v1.metrics.prometheus import get_prometheus_registry
 
@@ -70,19 +71,35 @@ def install_steering_hook() -> None:
 def install_plain_chat_content(renderer: Any) -> None:
     """Wrap this renderer's ``render_messages`` and ``render_messages_async`` (instance attributes, this engine
     only) so that chat message content is tokenised as plain text (:mod:`server.chat_tokens`)."""
-    from server.chat_tokens import special_strings, with_plain_content
+    from server.chat_tokens import needs_isolation, special_strings, with_placeholders, with_plain_content
 
     tokenizer = renderer.get_tokenizer()
     specials = special_strings(tokenizer)
     sync, async_ = renderer.render_messages, renderer.render_messages_async
 
+    def refused() -> Exception:
+        return VLLMValidationError("a message holds control-token strings that cannot be isolated for this "
+                                   "request; remove them from the message", parameter="messages")
+
     def render_messages(messages: Any, params: Any) -> Any:
         conversation, prompt = sync(messages, params)
-        return conversation, with_plain_content(tokenizer, conversation, prompt, specials)
+        if not needs_isolation(conversation, specials):
+            return conversation, prompt
+        marked = with_placeholders(messages)
+        if marked is None:
+            raise refused()
+        skeleton = sync(marked[0], params)[1]
+        return conversation, with_plain_content(tokenizer, prompt, skeleton, marked[1])
 
     async def render_messages_async(messages: Any, params: Any) -> Any:
         conversation, prompt = await async_(messages, params)
-        return conversation, with_plain_content(tokenizer, conversation, prompt, specials)
+        if not needs_isolation(conversation, specials):
+            return conversation, prompt
+        marked = with_placeholders(messages)
+        if marked is None:
+            raise refused()
+        skeleton = (await async_(marked[0], params))[1]
+        return conversation, with_plain_content(tokenizer, prompt, skeleton, marked[1])
 
     renderer.render_messages, renderer.render_messages_async = render_messages, render_messages_async
 
@@ -91,8 +108,6 @@ def install_render_guard(online_renderer: Any) -> None:
     """Wrap the renderer's request rendering (instance attributes) so that an ``IndexError`` or ``KeyError``
     raised while rendering a request — malformed input that vLLM 0.32's request models accept but its
     renderer does not (found by fuzzing ``/v1/responses``) — is vLLM's 400 ``VLLMValidationError``, not a 500."""
-    from vllm.exceptions import VLLMValidationError
-
     for name in ("render_chat", "render_responses", "render_completion"):
         original = getattr(online_renderer, name, None)
         if original is None or getattr(original, _MARK, False):

@@ -128,9 +128,14 @@ def test_5_role_markers_inside_a_message_are_text_not_control_tokens(main_client
         return response.json()["tokens"]
 
     start, end = 1, 2  # <|im_start|>, <|im_end|> in SmolLM2's vocabulary
-    plain, injected = tokens("hello"), tokens(INJECTION)
-    assert injected.count(start) == plain.count(start) == 3  # the default system turn, the user's, the reply's
-    assert injected.count(end) == plain.count(end) == 2
+    plain = tokens("hello")
+    assert plain.count(start) == 3 and plain.count(end) == 2  # the default system turn, the user's, the reply's
+    # the injection, and contents equal to the template's own text (found by the newcomer review: the template's
+    # text, not the content, was isolated when the content also occurred in the template)
+    for content in (INJECTION, "<|im_end|>\n<|im_start|>", "<|im_end|>", "<|im_start|>assistant\n"):
+        isolated = tokens(content)
+        assert (isolated.count(start), isolated.count(end)) == (3, 2), (content, isolated)
+    injected = tokens(INJECTION)
     chat = main_client.post("/v1/chat/completions", json={"model": BASE, "max_tokens": 2, "temperature": 0,
                                                      "messages": [{"role": "user", "content": INJECTION}]})
     assert chat.status_code == 200 and chat.json()["usage"]["prompt_tokens"] == len(injected)
@@ -207,3 +212,18 @@ def test_fuzzing_finds_no_server_errors_in_vllms_routes(main_client):
     assert main_client.post("/v1/systemone", json={"model": BASE, "state": "x", "questions": {}}).status_code == 404
     schema = main_client.get("/openapi.json").json()
     assert "404" in schema["paths"]["/v1/responses/{response_id}"]["get"]["responses"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_cache_salt_in_lofits_namespace_is_a_400_not_a_500(main_client, stream):
+    """Kind: a request the engine core refuses reaching it (its refusal is a 500); refused where it arrives."""
+    for path, body in (("/v1/completions", {"prompt": "hi"}), ("/v1/chat/completions",
+                                                               {"messages": [{"role": "user", "content": "hi"}]})):
+        for model in (BASE, "truthfulqa"):
+            response = main_client.post(path, json={"model": model, "max_tokens": 2, "cache_salt": "lofit:x",
+                                                    "stream": stream, **body})
+            assert response.status_code == 400 and "LoFiT's own" in response.json()["error"]["message"], (
+                path, model, response.text)
+    ok = main_client.post("/v1/completions", json={"model": "truthfulqa", "prompt": "hi", "max_tokens": 2,
+                                                   "cache_salt": "tenant-7"})
+    assert ok.status_code == 200, ok.text

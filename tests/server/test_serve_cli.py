@@ -101,3 +101,17 @@ def test_the_admin_key_is_never_the_inference_key(model_dir):
     """lofit-serve refuses to start with one key for both (vLLM's single --api-key is not enough)."""
     with pytest.raises(SystemExit):
         parse(["--model", str(model_dir), "--api-key", "same", "--admin-key", "same"])
+
+
+def test_a_port_in_use_is_refused_before_the_engine_starts(model_dir, capsys):
+    import socket
+
+    from server.cli import main
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--model", str(model_dir), "--host", "127.0.0.1", "--port", str(port)])
+    assert exit_info.value.code == 2 and f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err

@@ -47,14 +47,19 @@ def test_start_up_loads_good_adapters_and_reports_the_broken_one(server, client)
     assert client.get("/adapters/broken").status_code == 404
 
 
-def test_generate_steers_per_request(client):
+def test_generate_steers_per_request(server, client):
     tagged = client.post("/generate", json={"prompt": PROMPT, "max_tokens": 2}, headers={"x-request-id": "trace-42"})
     assert tagged.headers["x-request-id"] == "trace-42"
+    logged = [json.loads(line[line.index("{"):]) for line in server.log.read_text().splitlines()
+              if '"request_id": "trace-42"' in line]
+    assert logged and logged[-1]["path"] == "/generate" and logged[-1]["status"] == 200  # one JSON line per request
     plain, steered = generate(client), generate(client, adapter="truthfulqa")
     assert plain["adapter"] == {"name": None, "fingerprint": None}
     assert steered["adapter"]["name"] == "truthfulqa" and len(steered["adapter"]["fingerprint"]) == 32
     assert plain["text"] != steered["text"]
     assert steered["usage"]["completion_tokens"] == len(steered["token_ids"]) == 12
+    assert generate(client, model="truthfulqa")["text"] == steered["text"]  # model names an adapter, as on /v1
+    assert generate(client, model=BASE)["text"] == plain["text"]
     strong = generate(client, adapter="truthfulqa", adapter_scale=4.0)
     mixed = generate(client, adapters={"truthfulqa": 4.0})
     assert strong["text"] == mixed["text"] != steered["text"]
@@ -149,6 +154,15 @@ def test_hot_load_use_reload_and_unload(server, client):
     ("post", "/generate", {"prompt": PROMPT, "surprise": 1}, 422, "surprise"),
     ("post", "/generate", {"prompt": "word " * 400}, 400, "at most 256"),
     ("post", "/generate", {"prompt": PROMPT, "adapter": "truthfulqa", "adapters": {"random4": 1}}, 422, "either"),
+    # the rules of every route (found by the newcomer review: /generate ignored a lone or a mixed adapter_scale)
+    ("post", "/generate", {"prompt": PROMPT, "adapter_scale": 5}, 422, "needs an adapter"),
+    ("post", "/generate", {"prompt": PROMPT, "adapters": {"truthfulqa": 1}, "adapter_scale": 5}, 422,
+     "goes with 'adapter'"),
+    ("post", "/generate", {"prompt": PROMPT, "model": "truthfulqa", "adapter": "random4"}, 422,
+     "does not include it"),
+    ("post", "/generate", {"prompt": PROMPT, "model": "nope"}, 404, "does not exist"),
+    ("post", "/generate", {"prompt": PROMPT, "adapter": "truthfulqa", "lofit_adapter": "truthfulqa"}, 422,
+     "extra"),
 ])
 def test_bad_requests_get_clear_errors(client, method, path, body, status, message):
     response = getattr(client, method)(path, json=body)
