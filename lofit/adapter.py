@@ -321,9 +321,10 @@ def load_adapter(directory: str | Path, expect_base: BaseModelIdentity | None = 
     if expect_base is not None:
         problems = base.mismatches(expect_base)
         if problems:
+            same_name = ", same name, other weights or shape" if base.name_or_path == expect_base.name_or_path else ""
             raise BaseModelMismatchError(
                 f"{where} was trained on {base.name_or_path!r}, which differs from the model in use "
-                f"({expect_base.name_or_path!r}): " + "; ".join(problems)
+                f"({expect_base.name_or_path!r}{same_name}): " + "; ".join(problems)
                 + ". Train an adapter for this model with lofit-train, or load the adapter's base model.")
     known = {"format", "format_version", "name", "task", "num_heads", "heads", "base_model",
              "content_sha256", "package_version"}

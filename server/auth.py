@@ -67,6 +67,8 @@ def check(kind: str, key: str | None, api_key: str | None, admin_key: str | None
         return 401, "missing API key (Authorization: Bearer <key>)"
     if _matches(key, admin_key) or (kind == INFERENCE and _matches(key, api_key)):
         return None
+    if kind == ADMIN and _matches(key, api_key):
+        return 403, "this route needs the admin key (--admin-key); the inference key is not enough"
     return 403, "wrong API key"
 
 

@@ -35,6 +35,7 @@ from server.schemas import AdapterInfo
 from server.steering import ADAPTER_NAME, Steering
 
 _NAME = re.compile(ADAPTER_NAME)
+_STAGING = re.compile(r"\.upload-[A-Za-z0-9._-]+?\.[A-Za-z0-9_]{8}/")  # tempfile.mkdtemp(prefix=".upload-<name>.")
 
 
 class UnknownAdapter(KeyError):
@@ -105,7 +106,7 @@ class AdapterRegistry:
         learn which adapter file failed, not where the server keeps it."""
         for root in {str(self.directory.resolve()), str(self.directory)}:
             message = message.replace(root + "/", "").replace(root, "the adapters directory")
-        return message
+        return _STAGING.sub("", message)  # an upload's staging folder (api_adapters) means nothing to clients
 
     def names_on_disk(self) -> list[str]:
         """Entries that look like adapters, so that start-up loads them or reports why not: folders with an

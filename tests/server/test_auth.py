@@ -119,6 +119,8 @@ def test_wrong_key(server: Server, method: str, path: str, header: str):
     response = call(server, method, path, {header: value})
     expected = ROUTES[(method, path)][3] if ROUTES[(method, path)][0] == OPEN else 403
     assert response.status_code == expected, response.text
+    if expected == 403 and ROUTES[(method, path)][0] != OPEN:
+        assert response.json()["error"]["message"] == "wrong API key"
 
 
 @pytest.mark.parametrize(("method", "path"), list(ROUTES), ids=IDS)
@@ -128,7 +130,7 @@ def test_inference_key(server: Server, method: str, path: str, header: str):
     response = call(server, method, path, {header: value})
     if ROUTES[(method, path)][0] == ADMIN:
         assert response.status_code == 403, response.text
-        assert response.json()["error"]["message"] == "wrong API key"
+        assert "needs the admin key" in response.json()["error"]["message"]
     else:
         assert response.status_code == ROUTES[(method, path)][3], response.text
 
@@ -149,6 +151,6 @@ def test_schema_and_docs_need_no_key(server: Server, path: str):
 def test_routes_outside_the_schema_are_guarded_too(server: Server, kind: str, path: str):
     assert httpx.post(server.url + path, json={}).status_code == 401
     inference = httpx.post(server.url + path, json={}, headers={"Authorization": f"Bearer {API_KEY}"})
-    refused = inference.status_code == 403 and inference.json()["error"]["message"] == "wrong API key"
+    refused = inference.status_code == 403 and "needs the admin key" in inference.json()["error"]["message"]
     assert refused == (kind == ADMIN), inference.text  # (vLLM refuses its scale-out routes itself: disabled)
 
