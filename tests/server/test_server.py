@@ -162,7 +162,7 @@ def test_hot_load_use_reload_and_unload(server, client):
      "does not include it"),
     ("post", "/generate", {"prompt": PROMPT, "model": "nope"}, 404, "does not exist"),
     ("post", "/generate", {"prompt": PROMPT, "adapter": "truthfulqa", "lofit_adapter": "truthfulqa"}, 422,
-     "extra"),
+     "lofit_adapter: Extra inputs are not permitted"),
 ])
 def test_bad_requests_get_clear_errors(client, method, path, body, status, message):
     response = getattr(client, method)(path, json=body)
