@@ -50,8 +50,12 @@ def test_start_up_loads_good_adapters_and_reports_the_broken_one(server, client)
 def test_generate_steers_per_request(server, client):
     tagged = client.post("/generate", json={"prompt": PROMPT, "max_tokens": 2}, headers={"x-request-id": "trace-42"})
     assert tagged.headers["x-request-id"] == "trace-42"
-    logged = [json.loads(line[line.index("{"):]) for line in server.log.read_text().splitlines()
-              if '"request_id": "trace-42"' in line]
+    for _ in range(50):  # the line is written as the response ends: give the server a moment
+        logged = [json.loads(line[line.index("{"):]) for line in server.log.read_text().splitlines()
+                  if '"request_id": "trace-42"' in line]
+        if logged:
+            break
+        time.sleep(0.1)
     assert logged and logged[-1]["path"] == "/generate" and logged[-1]["status"] == 200  # one JSON line per request
     plain, steered = generate(client), generate(client, adapter="truthfulqa")
     assert plain["adapter"] == {"name": None, "fingerprint": None}
