@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import tempfile
 import time
@@ -62,12 +61,12 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--out", type=Path, default=Path("bench/results/plugin_throughput.json"))
     args = parser.parse_args()
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-
     from vllm import LLM
 
-    common = dict(dtype=args.dtype, gpu_memory_utilization=0.1, max_model_len=args.prompt_tokens + args.output_tokens,
-                  max_num_seqs=args.requests, seed=0)
+    from lofit.vllm.architectures import cpu_engine_defaults
+
+    common = dict(dtype=args.dtype, max_model_len=args.prompt_tokens + args.output_tokens, max_num_seqs=args.requests,
+                  seed=0, **cpu_engine_defaults(default_kv_cache_gib=2))
     engines = {"stock": LLM(str(args.model), **common),
                "plugin": LLM(str(args.model), hf_overrides={"architectures": ["LofitLlamaForCausalLM"]}, **common)}
     with tempfile.TemporaryDirectory() as tmp:

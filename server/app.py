@@ -36,7 +36,7 @@ from starlette.middleware import Middleware
 from starlette.routing import Match
 
 from lofit.heads import BaseModelIdentity
-from lofit.vllm.architectures import lofit_engine_args
+from lofit.vllm.architectures import cpu_engine_defaults, lofit_engine_args
 from lofit.vllm.contract import RPC_STATUS
 from server import api_adapters, api_generate, api_models, api_ops
 from server.api_generate import PromptTooLong
@@ -101,14 +101,9 @@ def vllm_args(settings: Settings) -> argparse.Namespace:
     args.served_model_name = [settings.base_name]
     args.dtype, args.max_model_len, args.max_num_seqs = settings.dtype, settings.max_model_len, settings.max_num_seqs
     args.host, args.port, args.api_key = settings.host, settings.port, None
-    from vllm.platforms import current_platform
-
-    if current_platform.is_cpu():
-        if settings.kv_cache_gib is not None:  # the flag wins over the environment
-            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(settings.kv_cache_gib)
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-        if "gpu_memory_utilization" not in given:
-            args.gpu_memory_utilization = 0.1
+    for name, value in cpu_engine_defaults(settings.kv_cache_gib).items():  # --kv-cache-gib wins over the env
+        if name not in given:
+            setattr(args, name, value)
     return args
 
 

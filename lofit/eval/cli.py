@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import sys
 import time
@@ -45,12 +44,10 @@ def make_backend(args: argparse.Namespace):
         import torch
 
         return TransformersBackend(args.model, dtype=getattr(torch, args.dtype))
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-    extra: dict[str, Any] = {"dtype": args.dtype, "max_model_len": args.max_model_len, "seed": args.seed}
-    from vllm.platforms import current_platform
+    from lofit.vllm.architectures import cpu_engine_defaults
 
-    if current_platform.is_cpu():
-        extra["gpu_memory_utilization"] = 0.1
+    extra: dict[str, Any] = {"dtype": args.dtype, "max_model_len": args.max_model_len, "seed": args.seed,
+                             **cpu_engine_defaults(default_kv_cache_gib=2)}
     return VllmBackend(args.model, **extra)
 
 

@@ -1,7 +1,8 @@
 """Which decoder families the plugin serves, and the vLLM engine arguments that serve a checkpoint with LoFiT.
 
-A leaf module (no vLLM import): the entry point (:mod:`lofit.vllm.plugin`), the engine core's start-up check
-(:mod:`lofit.vllm.selftest`), :class:`~lofit.vllm.offline.LofitLLM` and ``lofit-serve`` all read the table here.
+A leaf module (vLLM is imported only inside :func:`cpu_engine_defaults`): the entry point
+(:mod:`lofit.vllm.plugin`), the engine core's start-up check (:mod:`lofit.vllm.selftest`),
+:class:`~lofit.vllm.offline.LofitLLM` and ``lofit-serve`` all read the table here.
 Select a wrapper for an ordinary checkpoint with ``hf_overrides={"architectures": ["LofitLlamaForCausalLM"]}``
 (``--hf-overrides`` on the command line); :func:`lofit_engine_args` does that for a local checkpoint.
 """
@@ -9,6 +10,7 @@ Select a wrapper for an ordinary checkpoint with ``hf_overrides={"architectures"
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +48,22 @@ def wrapper_for(architecture: str) -> str:
 def is_lofit_model(architectures: list[str] | None) -> bool:
     """Whether a model config's ``architectures`` name one of the LoFiT wrappers."""
     return any(arch in WRAPPERS for arch in architectures or [])
+
+
+def cpu_engine_defaults(kv_cache_gib: int | None = None, *, default_kv_cache_gib: int = 1) -> dict[str, Any]:
+    """What vLLM's CPU build needs to start on a small machine, in one place; ``{}`` (and nothing set) elsewhere.
+
+    Sets ``VLLM_CPU_KVCACHE_SPACE`` (GiB of KV cache): ``kv_cache_gib`` when given, else the environment's,
+    else ``default_kv_cache_gib``; returns ``{"gpu_memory_utilization": 0.1}`` (vLLM's 0.9 asks the CPU
+    backend for 90 % of the machine's memory and start-up fails). Callers keep a value the user gave."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return {}
+    if kv_cache_gib is not None:
+        os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(kv_cache_gib)
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(default_kv_cache_gib))
+    return {"gpu_memory_utilization": 0.1}
 
 
 def lofit_engine_args(model: str | Path, **engine_args: Any) -> dict[str, Any]:
