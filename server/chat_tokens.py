@@ -42,6 +42,26 @@ def contents(conversation: Sequence[dict[str, Any]]) -> list[str]:
     return [c for c in out if c]
 
 
+def cannot_isolate() -> VLLMValidationError:
+    return VLLMValidationError("a message holds control-token strings that cannot be isolated for this request; "
+                               "remove them from the message", parameter="messages")
+
+
+def placeholders_for(conversation: Sequence[dict[str, Any]], messages: Sequence[Any], prompt: Any,
+                     specials: Sequence[str]) -> tuple[list[Any], dict[str, str]] | None:
+    """What :func:`with_plain_content` needs to re-render the request's ``messages`` as a skeleton, or ``None``
+    when vLLM's rendered ``prompt`` needs nothing: it is not plain rendered text (already tokenised, multimodal)
+    or no content holds a special-token string. Raises :class:`VLLMValidationError` (400) when a message's
+    content cannot be replaced (see :func:`with_placeholders`)."""
+    if (not isinstance(prompt, dict) or not isinstance(prompt.get("prompt"), str) or "prompt_token_ids" in prompt
+            or "multi_modal_data" in prompt or not needs_isolation(conversation, specials)):
+        return None
+    marked = with_placeholders(messages)
+    if marked is None:
+        raise cannot_isolate()
+    return marked
+
+
 def with_placeholders(messages: Sequence[Any]) -> tuple[list[Any], dict[str, str]] | None:
     """A copy of the request's ``messages`` with every text content (a string, or the ``text`` of a content part)
     replaced by a unique placeholder, and ``{placeholder: text}``; ``None`` when a message is not a dict (its
@@ -101,13 +121,9 @@ def plain_content_ids(tokenizer: Any, prompt: str, skeleton: str, texts: dict[st
     return ids
 
 
-def with_plain_content(tokenizer: Any, prompt: Any, skeleton: Any, texts: dict[str, str]) -> Any:
-    """vLLM's rendered chat ``prompt`` (a dict with ``prompt``) with ``prompt_token_ids`` from
-    :func:`plain_content_ids`; other prompts (already tokenised, multimodal) unchanged."""
-    if (not isinstance(prompt, dict) or not isinstance(prompt.get("prompt"), str) or "prompt_token_ids" in prompt
-            or "multi_modal_data" in prompt):
-        return prompt
+def with_plain_content(tokenizer: Any, prompt: dict[str, Any], skeleton: Any, texts: dict[str, str]) -> dict:
+    """vLLM's rendered chat ``prompt`` (a dict with ``prompt``, for which :func:`placeholders_for` gave ``texts``)
+    with ``prompt_token_ids`` from :func:`plain_content_ids`."""
     if not isinstance(skeleton, dict) or not isinstance(skeleton.get("prompt"), str):
-        raise VLLMValidationError("a message holds control-token strings that cannot be isolated for this "
-                                  "request; remove them from the message", parameter="messages")
+        raise cannot_isolate()
     return {**prompt, "prompt_token_ids": plain_content_ids(tokenizer, prompt["prompt"], skeleton["prompt"], texts)}

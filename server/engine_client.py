@@ -29,7 +29,7 @@ from vllm.exceptions import VLLMNotFoundError, VLLMValidationError
 from vllm.sampling_params import RequestOutputKind
 from vllm.v1.engine.async_llm import AsyncLLM
 
-from lofit.vllm.contract import ADAPTERS_KEY, SALT_PREFIX
+from lofit.vllm.contract import ADAPTERS_KEY, reserved_salt_error
 from server.steering import STEERING_KEYS, Steering, SteeringResolver
 
 ROUTE: ContextVar[str] = ContextVar("lofit_route", default="engine")  # the HTTP route, set by the middleware
@@ -161,11 +161,9 @@ class SteeredAsyncLLM(AsyncLLM):
             await inner.aclose()
 
     def _check_prompt(self, prompt: Any) -> None:
-        salt = prompt.get("cache_salt") if isinstance(prompt, dict) else None
-        if isinstance(salt, str) and salt.startswith(SALT_PREFIX):  # the engine core would refuse it with a 500
-            raise VLLMValidationError(f"cache_salt must not start with {SALT_PREFIX!r}: that namespace is LoFiT's "
-                                      "own (steered requests are salted by their adapters' content)",
-                                      parameter="cache_salt")
+        refused = reserved_salt_error(prompt.get("cache_salt") if isinstance(prompt, dict) else None)
+        if refused:  # the engine core would refuse it too, but as a 500
+            raise VLLMValidationError(refused, parameter="cache_salt")
         ids = prompt.get("prompt_token_ids") if isinstance(prompt, dict) else None
         if self.prompt_limit is not None and ids is not None and len(ids) > self.prompt_limit:
             raise VLLMValidationError(f"the prompt has {len(ids)} tokens; this server takes at most "

@@ -71,35 +71,25 @@ def install_steering_hook() -> None:
 def install_plain_chat_content(renderer: Any) -> None:
     """Wrap this renderer's ``render_messages`` and ``render_messages_async`` (instance attributes, this engine
     only) so that chat message content is tokenised as plain text (:mod:`server.chat_tokens`)."""
-    from server.chat_tokens import needs_isolation, special_strings, with_placeholders, with_plain_content
+    from server.chat_tokens import placeholders_for, special_strings, with_plain_content
 
     tokenizer = renderer.get_tokenizer()
     specials = special_strings(tokenizer)
     sync, async_ = renderer.render_messages, renderer.render_messages_async
 
-    def refused() -> Exception:
-        return VLLMValidationError("a message holds control-token strings that cannot be isolated for this "
-                                   "request; remove them from the message", parameter="messages")
-
     def render_messages(messages: Any, params: Any) -> Any:
         conversation, prompt = sync(messages, params)
-        if not needs_isolation(conversation, specials):
-            return conversation, prompt
-        marked = with_placeholders(messages)
-        if marked is None:
-            raise refused()
-        skeleton = sync(marked[0], params)[1]
-        return conversation, with_plain_content(tokenizer, prompt, skeleton, marked[1])
+        marked = placeholders_for(conversation, messages, prompt, specials)
+        if marked is not None:  # render once more with placeholders: the skeleton tells template from content
+            prompt = with_plain_content(tokenizer, prompt, sync(marked[0], params)[1], marked[1])
+        return conversation, prompt
 
     async def render_messages_async(messages: Any, params: Any) -> Any:
         conversation, prompt = await async_(messages, params)
-        if not needs_isolation(conversation, specials):
-            return conversation, prompt
-        marked = with_placeholders(messages)
-        if marked is None:
-            raise refused()
-        skeleton = (await async_(marked[0], params))[1]
-        return conversation, with_plain_content(tokenizer, prompt, skeleton, marked[1])
+        marked = placeholders_for(conversation, messages, prompt, specials)
+        if marked is not None:
+            prompt = with_plain_content(tokenizer, prompt, (await async_(marked[0], params))[1], marked[1])
+        return conversation, prompt
 
     renderer.render_messages, renderer.render_messages_async = render_messages, render_messages_async
 

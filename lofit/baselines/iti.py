@@ -36,6 +36,8 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -287,14 +289,11 @@ def iti_offsets(probes: HeadProbes, heads: list[tuple[int, int]], alpha: float) 
     return (alpha * sigma[:, None] * probes.directions[index[:, 0], index[:, 1]]).float()
 
 
-def _k(total_heads: int | None, heads: int | None, heads_percent: float | None) -> int | None:
-    """K as ``lofit-train`` computes it (:func:`lofit.heads.choose_k`), or only the setting checked when
-    ``total_heads`` is None; raises :class:`BaselineError`."""
+@contextmanager
+def _as_baseline_error() -> Iterator[None]:
+    """The head-count checks of :mod:`lofit.heads` raise ``ValueError``; the CLI reports :class:`BaselineError`."""
     try:
-        if total_heads is None:
-            check_head_count(heads, heads_percent)
-            return None
-        return choose_k(total_heads, heads, heads_percent)
+        yield
     except ValueError as exc:
         raise BaselineError(str(exc)) from None
 
@@ -330,7 +329,8 @@ def make_iti_adapter(model_dir: str, out: str, *, task: str = "truthfulqa", fold
     if fold is not None and task != "truthfulqa":
         raise BaselineError(f"--fold is only for --task truthfulqa ({task} has no folds)")
     fold = 0 if fold is None else fold
-    _k(None, heads, heads_percent)
+    with _as_baseline_error():
+        check_head_count(heads, heads_percent)
     if not math.isfinite(alpha) or alpha <= 0:
         raise BaselineError("--alpha must be a positive number")
     if limit is not None and limit < 2:
@@ -344,7 +344,8 @@ def make_iti_adapter(model_dir: str, out: str, *, task: str = "truthfulqa", fold
     tokenizer, model = load_model(model_dir, dtype, device)
     identity = identity_from_checkpoint(model_dir, name=Path(model_dir).resolve().name)
     layout = layout_from_config(model.config)
-    k = _k(layout.total_heads, heads, heads_percent)
+    with _as_baseline_error():
+        k = choose_k(layout.total_heads, heads, heads_percent)
     activations = head_activations(model, tokenizer, labelled.texts, batch_size, progress)
     captured = time.perf_counter()
     probes = fit_heads(activations, labelled.labels, labelled.groups, seed)

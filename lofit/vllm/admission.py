@@ -17,11 +17,11 @@ from lofit.vllm.contract import (
     RESOLVED_KEY,
     RPC_LOAD,
     RPC_UNLOAD,
-    SALT_PREFIX,
     Combination,
     CombinationError,
     combine_salt,
     requested_weights,
+    reserved_salt_error,
 )
 
 ENGINE_ATTR = "_lofit_adapters"  # on the EngineCore: {name: content_sha256}, or None for a non-LoFiT model
@@ -42,8 +42,9 @@ def admit(loaded: dict[str, str] | None, extra_args: dict[str, Any] | None,
 
     Raises :class:`AdmissionError` for anything that must not reach the workers.
     """
-    if client_salt and client_salt.startswith(SALT_PREFIX):
-        raise AdmissionError(f"cache_salt must not start with {SALT_PREFIX!r}: that namespace is LoFiT's own")
+    refused = reserved_salt_error(client_salt)
+    if refused:
+        raise AdmissionError(refused)
     try:
         weights = requested_weights(extra_args)
     except CombinationError as exc:

@@ -114,6 +114,15 @@ class Combination:
         return SALT_PREFIX + self.fingerprint
 
 
+def reserved_salt_error(client_salt: str | None) -> str | None:
+    """Why a client's ``cache_salt`` is refused (it starts with :data:`SALT_PREFIX`, LoFiT's namespace), or ``None``.
+    The engine core refuses such a request (:mod:`lofit.vllm.admission`); ``lofit-serve`` refuses it on arrival."""
+    if isinstance(client_salt, str) and client_salt.startswith(SALT_PREFIX):
+        return (f"cache_salt must not start with {SALT_PREFIX!r}: that namespace is LoFiT's own (steered requests "
+                "are salted by their adapters' content)")
+    return None
+
+
 def combine_salt(lofit_salt: str, client_salt: str | None) -> str:
     """Join our salt with a client's own (e.g. a tenant salt), within vLLM's 128-character limit."""
     if not client_salt:

@@ -8,6 +8,7 @@ from vllm.exceptions import VLLMValidationError
 
 from server.chat_tokens import (
     needs_isolation,
+    placeholders_for,
     plain_content_ids,
     special_strings,
     with_placeholders,
@@ -73,6 +74,15 @@ def test_a_template_that_rewrites_content_is_refused_not_guessed(tokenizer):
 
 
 def test_prompts_that_are_not_rendered_text_are_left_alone(tokenizer):
+    specials = special_strings(tokenizer)
+    messages = [{"role": "user", "content": "<|im_end|>"}]
     already = {"prompt": "x", "prompt_token_ids": [1, 2]}
-    assert with_plain_content(tokenizer, already, {"prompt": "x"}, {}) is already
-    assert with_placeholders([object()]) is None  # not a dict: the caller refuses the request
+    assert placeholders_for(messages, messages, already, specials) is None
+    assert placeholders_for(messages, messages, {"prompt": "x", "multi_modal_data": {}}, specials) is None
+    harmless = [{"role": "user", "content": "hi"}]
+    assert placeholders_for(harmless, harmless, {"prompt": "x"}, specials) is None
+    assert with_placeholders([object()]) is None  # not a dict: it cannot be isolated, so the request is refused
+    with pytest.raises(VLLMValidationError, match="cannot be isolated"):
+        placeholders_for(messages, [object()], {"prompt": "x"}, specials)
+    with pytest.raises(VLLMValidationError, match="cannot be isolated"):
+        with_plain_content(tokenizer, {"prompt": "x"}, None, {})
