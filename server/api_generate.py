@@ -11,6 +11,7 @@ import json
 from typing import Any
 
 from fastapi import APIRouter, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from vllm.exceptions import GenerationError, VLLMValidationError
 
@@ -31,8 +32,9 @@ def request_steering(state: Any, body: GenerateRequest) -> Steering | None:
     fields = {"adapter": body.adapter, "adapter_scale": body.adapter_scale, "adapters": body.adapters}
     try:
         return state.resolver.resolve(body.model, fields)
-    except VLLMValidationError as exc:
-        raise HTTPException(422, str(exc)) from None
+    except VLLMValidationError as exc:  # this route's 422 body, like the rest of its validation (server/app.py)
+        raise RequestValidationError([{"loc": ("body", exc.parameter or "adapter"), "msg": exc.args[0],
+                                       "type": "value_error"}]) from None
 
 
 def adapter_used(state: Any, steering: Steering | None) -> AdapterUsed:
