@@ -1,7 +1,8 @@
 """Inference-Time Intervention (ITI; Li et al., NeurIPS 2023) as a LoFiT-format adapter.
 
 For a frozen base model and a task (``--task``), each item of the task's training data gives labelled texts,
-true (label 1) and false (label 0), all of one item in one group:
+true (label 1) and false (label 0), all of one item in one group (each task module's ``probe_texts``, read
+through the registry :data:`lofit.tasks.TASKS`):
 
 - ``truthfulqa`` (train split of ``--fold``, :mod:`lofit.tasks.truthfulqa`): one text per correct and per
   incorrect answer, exactly ``"Q: {question}\\nA: {answer}"`` (the answers as written in the fold CSV,
@@ -11,7 +12,7 @@ true (label 1) and false (label 0), all of one item in one group:
   :mod:`lofit.tasks.mquake` trains on): ``"Q: Imagine that {fact} {target_new}. {question} A:{answer}"``
   (first edit, first question). A case whose two answers are equal is skipped.
 - ``arc`` / ``boolq`` (the raw training rows ``lofit-train --seed S`` trains on,
-  :func:`lofit.tasks.instruct.instruct_rows` with ``S = --seed``: its seeded val rows are never seen; BoolQ
+  :func:`lofit.tasks.commonsense.instruct_rows` with ``S = --seed``: its seeded val rows are never seen; BoolQ
   capped at 1,000 rows): true = ``PROMPT + RESPONSE`` with the row's ``answer``, i.e. ``"...### Response:\\nthe
   correct answer is {label}"``, then one false text per other label of the instruction's
   ``"Answer format: a/b/..."``.
@@ -57,18 +58,10 @@ from lofit.heads import (
 )
 from lofit.hf import eval_mode, load_model, pad_token_id, seed_everything
 from lofit.picture import heads_png
-from lofit.tasks.base import PACKAGE_DATA, TaskError, file_identity, require_file
-from lofit.tasks.instruct import PROMPT, RESPONSE, answer_labels, instruct_rows
-from lofit.tasks.mquake import prompt_of, read_cases
-from lofit.tasks.truthfulqa import TruthfulQAItem, fold_file, read_items
+from lofit.tasks import PROBE_TASKS, TASKS, ProbeTexts
 from lofit.train.stage1 import RANKING_KEPT, rank_heads
 
-TEXT_FORMAT = "Q: {question}\nA: {answer}"
-MQUAKE_TEXT_FORMAT = "Q: Imagine that {fact} {target_new}. {question} A:{answer}"
-INSTRUCT_TEXT_FORMAT = PROMPT + RESPONSE
-TEXT_FORMATS = {"truthfulqa": TEXT_FORMAT, "mquake": MQUAKE_TEXT_FORMAT, "arc": INSTRUCT_TEXT_FORMAT,
-                "boolq": INSTRUCT_TEXT_FORMAT}
-ITI_TASKS = tuple(TEXT_FORMATS)
+ITI_TASKS = PROBE_TASKS
 DEFAULT_ALPHA = 15.0
 VAL_FRACTION = 0.2
 PROBE_L2 = 1e-3
@@ -80,24 +73,6 @@ class BaselineError(ValueError):
 
 
 @dataclass
-class LabelledTexts:
-    """One text per (item, answer); ``labels`` 1 = correct answer, ``groups`` = item index."""
-
-    texts: list[str]
-    labels: torch.Tensor
-    groups: torch.Tensor
-
-
-@dataclass
-class TaskTexts:
-    """A task's labelled texts, with what the adapter's ``data`` metadata says about where they come from."""
-
-    labelled: LabelledTexts
-    data: dict[str, Any]  # e.g. fold, split, item counts; the text counts and format are added after these
-    files: list[dict[str, Any]]
-
-
-@dataclass
 class HeadProbes:
     """Per head: held-out probe accuracy ``[L, H]``, unit direction ``θ`` ``[L, H, d]`` and ``σ`` ``[L, H]``."""
 
@@ -106,81 +81,9 @@ class HeadProbes:
     sigma: torch.Tensor
 
 
-def qa_texts(items: list[TruthfulQAItem]) -> LabelledTexts:
-    """``TEXT_FORMAT`` for every correct (label 1) and incorrect (label 0) answer of every item."""
-    texts, labels, groups = [], [], []
-    for index, item in enumerate(items):
-        for label, answers in ((1, item.correct_answers), (0, item.incorrect_answers)):
-            for answer in dict.fromkeys(answers):
-                texts.append(TEXT_FORMAT.format(question=item.question, answer=answer))
-                labels.append(label)
-                groups.append(index)
-    return _labelled(texts, labels, groups)
-
-
-def mquake_texts(cases: list[dict[str, Any]]) -> LabelledTexts:
-    """Per case: ``prompt_of(case) + new_answer`` (label 1), ``prompt_of(case) + answer`` (label 0).
-
-    A case whose new and pre-edit answers are equal is skipped (groups stay 0, 1, 2, ... over the kept cases).
-    """
-    texts, labels, groups = [], [], []
-    for number, case in enumerate(cases):
-        try:
-            prompt, true, false = prompt_of(case), case["new_answer"], case["answer"]
-        except (KeyError, IndexError, TypeError) as exc:
-            raise TaskError(f"MQuAKE case {number}: not an MQuAKE case (missing {exc})") from exc
-        if true == false:
-            continue
-        group = groups[-1] + 1 if groups else 0
-        texts += [prompt + true, prompt + false]
-        labels += [1, 0]
-        groups += [group, group]
-    return _labelled(texts, labels, groups)
-
-
-def instruct_texts(rows: list[dict[str, Any]]) -> LabelledTexts:
-    """Per row: ``PROMPT + RESPONSE`` with the correct label (label 1), then with each other label (label 0)."""
-    texts, labels, groups = [], [], []
-    for index, row in enumerate(rows):
-        candidates = answer_labels(row["instruction"])
-        correct = row.get("answer")
-        if correct not in candidates:
-            raise TaskError(f"training row {index}: answer {correct!r} is not one of the labels {candidates}")
-        prompt = PROMPT.format(instruction=row["instruction"])
-        for label in [correct, *(c for c in candidates if c != correct)]:
-            texts.append(prompt + RESPONSE.format(label=label))
-            labels.append(int(label == correct))
-            groups.append(index)
-    return _labelled(texts, labels, groups)
-
-
-def _labelled(texts: list[str], labels: list[int], groups: list[int]) -> LabelledTexts:
-    return LabelledTexts(texts, torch.tensor(labels, dtype=torch.int64), torch.tensor(groups, dtype=torch.int64))
-
-
-def task_texts(task: str, fold: int = 0, limit: int | None = None, seed: int = 42) -> TaskTexts:
-    """The labelled texts of ``task``'s training data (the first ``limit`` items when given)."""
-    if task == "truthfulqa":
-        path = fold_file(fold, "train")
-        all_items = read_items(path)
-        items = all_items[:limit]
-        return TaskTexts(qa_texts(items), {"fold": fold, "split": "train", "questions": len(items)},
-                         [file_identity(path, len(all_items))])
-    if task == "mquake":
-        path = require_file(PACKAGE_DATA / "mquake" / "train.jsonl")
-        all_cases = read_cases(path)
-        cases = all_cases[:limit]
-        labelled = mquake_texts(cases)
-        kept = len(torch.unique(labelled.groups))
-        return TaskTexts(labelled, {"split": "train", "items": kept, "skipped_items": len(cases) - kept},
-                         [file_identity(path, len(all_cases))])
-    if task in ("arc", "boolq"):
-        rows = instruct_rows(task, train_size=limit, seed=seed)
-        return TaskTexts(instruct_texts(rows.train),
-                         {"split": "train", "items": len(rows.train), "held_out_val_rows": len(rows.val),
-                          "split_seed": seed},
-                         [file_identity(rows.path, rows.total)])
-    raise BaselineError(f"ITI has no task {task!r}; its tasks are {', '.join(ITI_TASKS)}")
+def as_tensors(texts: ProbeTexts) -> tuple[torch.Tensor, torch.Tensor]:
+    """``labels`` and ``groups`` of the probe texts as int64 tensors ``[N]``."""
+    return torch.tensor(texts.labels, dtype=torch.int64), torch.tensor(texts.groups, dtype=torch.int64)
 
 
 @torch.no_grad()
@@ -338,21 +241,21 @@ def make_iti_adapter(model_dir: str, out: str, *, task: str = "truthfulqa", fold
     if batch_size < 1:
         raise BaselineError("--batch-size must be at least 1")
     started = time.perf_counter()
-    source = task_texts(task, fold, limit, seed)
-    labelled = source.labelled
+    source = TASKS[task].probe_texts(fold=fold, limit=limit, seed=seed)
+    labels, groups = as_tensors(source)
     seed_everything(seed)
     tokenizer, model = load_model(model_dir, dtype, device)
     identity = identity_from_checkpoint(model_dir, name=Path(model_dir).resolve().name)
     layout = layout_from_config(model.config)
     with _as_baseline_error():
         k = choose_k(layout.total_heads, heads, heads_percent)
-    activations = head_activations(model, tokenizer, labelled.texts, batch_size, progress)
+    activations = head_activations(model, tokenizer, source.texts, batch_size, progress)
     captured = time.perf_counter()
-    probes = fit_heads(activations, labelled.labels, labelled.groups, seed)
+    probes = fit_heads(activations, labels, groups, seed)
     name = name or Path(out).name
     truthfulqa = task == "truthfulqa"
-    data = {"task": task, **source.data, "texts": len(labelled.texts), "true_texts": int(labelled.labels.sum()),
-            "false_texts": int((labelled.labels == 0).sum()), "text_format": TEXT_FORMATS[task],
+    data = {"task": task, **source.data, "texts": len(source.texts), "true_texts": int(labels.sum()),
+            "false_texts": int((labels == 0).sum()), "text_format": TASKS[task].probe_format,
             "files": source.files}
     hyperparameters = {"method": "iti", **({"fold": fold} if truthfulqa else {}), "alpha": alpha, "seed": seed,
                        "heads": heads, "heads_percent": heads_percent, "limit": limit, "val_fraction": VAL_FRACTION,

@@ -1,35 +1,23 @@
-"""Two ways to run an evaluation: vLLM with the LoFiT plugin (fast, batched), or the transformers reference path.
+"""Three ways to score a model: vLLM with the LoFiT plugin (fast, batched), the transformers reference path,
+and a live transformers model as it is (the trainer's validation report).
 
-Both answer the same two questions for an adapter choice (``None`` = the base model, else a loaded adapter's
-name): the summed log-probability of each continuation after a prefix, and the greedy completion of a
-prompt. Tasks (:mod:`lofit.eval.tasks`) are written against this interface only, so a score can be checked
-on both paths.
+Each answers the two questions of :class:`lofit.tasks.base.Backend` for an adapter choice (``None`` = the
+base model, else a loaded adapter's name): the summed log-probability of each continuation after a prefix,
+and the greedy completion of a prompt. Task scorers (:mod:`lofit.tasks`) are written against that interface
+only, so a score can be checked on every path.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 
 from lofit.adapter import LofitAdapter, load_adapter
 from lofit.heads import identity_from_model
-
-
-class Backend(Protocol):
-    def load(self, path: str | Path) -> str:
-        """Make the adapter at ``path`` available; returns its name."""
-
-    def batch_continuation_logprobs(self, items: Sequence[tuple[str, Sequence[str]]],
-                                    adapter: str | None) -> list[list[float]]:
-        """For each ``(prefix, continuations)``: the summed log-prob of each continuation's tokens after
-        ``prefix`` (prefix and continuation tokenised together)."""
-
-    def greedy(self, prompts: Sequence[str], max_new_tokens: int, adapter: str | None) -> list[str]:
-        """The greedy completion (generated text only) of each prompt."""
+from lofit.hf import eval_mode
 
 
 def split_continuations(tokenizer, prefix: str, continuations: Sequence[str]) -> tuple[list[int], list[list[int]]]:
@@ -80,8 +68,53 @@ def prefix_continuation_logprobs(model, tokenizer, prefix: str, continuations: S
     return scores
 
 
+class ModelBackend:
+    """A transformers model scored as it is now: whoever holds it steers it (or not) around the calls.
+
+    Only ``adapter=None`` is accepted (this backend loads no adapters). Scoring runs in eval mode (dropout
+    off) and restores the model's mode afterwards.
+    """
+
+    def __init__(self, model, tokenizer, progress: bool = False, desc: str = "scoring") -> None:
+        self.model, self.tokenizer, self.progress, self.desc = model, tokenizer, progress, desc
+
+    @staticmethod
+    def _no_adapter(adapter: str | None) -> None:
+        if adapter is not None:
+            raise ValueError(f"this backend scores the model as it is; it has no adapter {adapter!r}")
+
+    @torch.no_grad()
+    def batch_continuation_logprobs(self, items: Sequence[tuple[str, Sequence[str]]],
+                                    adapter: str | None) -> list[list[float]]:
+        """One :func:`prefix_continuation_logprobs` per item (nats)."""
+        from tqdm.auto import tqdm
+
+        self._no_adapter(adapter)
+        with eval_mode(self.model):
+            return [prefix_continuation_logprobs(self.model, self.tokenizer, prefix, continuations)
+                    for prefix, continuations in tqdm(items, desc=self.desc, disable=not self.progress,
+                                                      leave=False)]
+
+    @torch.no_grad()
+    def greedy(self, prompts: Sequence[str], max_new_tokens: int, adapter: str | None) -> list[str]:
+        """Greedy decoding one prompt at a time (no padding: exactly the reference's greedy path)."""
+        self._no_adapter(adapter)
+        out = []
+        with eval_mode(self.model):
+            for prompt in prompts:
+                ids = self.tokenizer(prompt, return_tensors="pt").input_ids.to(next(self.model.parameters()).device)
+                generated = self.model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
+                                                pad_token_id=self.tokenizer.pad_token_id or 0)
+                out.append(self.tokenizer.decode(generated[0, ids.shape[1]:], skip_special_tokens=True))
+        return out
+
+
 class TransformersBackend:
-    """The reference path: a transformers model steered with forward pre-hooks (:mod:`lofit.intervene`)."""
+    """The reference path: a transformers model steered with forward pre-hooks (:mod:`lofit.intervene`).
+
+    Raises ``FileNotFoundError``/``OSError`` from transformers for a folder that is not a checkpoint, and
+    :class:`lofit.adapter.AdapterError` from :meth:`load` for an adapter of another base model.
+    """
 
     def __init__(self, model_dir: str | Path, dtype: torch.dtype = torch.float32) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -91,6 +124,7 @@ class TransformersBackend:
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.base = identity_from_model(self.model, Path(model_dir).name)
         self.adapters: dict[str, LofitAdapter] = {}
+        self.as_is = ModelBackend(self.model, self.tokenizer, progress=True)
 
     def load(self, path: str | Path) -> str:
         adapter = load_adapter(path, expect_base=self.base)
@@ -102,25 +136,14 @@ class TransformersBackend:
 
         return apply_adapters(self.model, None if adapter is None else self.adapters[adapter])
 
-    @torch.no_grad()
     def batch_continuation_logprobs(self, items: Sequence[tuple[str, Sequence[str]]],
                                     adapter: str | None) -> list[list[float]]:
-        from tqdm.auto import tqdm
-
         with self._steer(adapter):
-            return [prefix_continuation_logprobs(self.model, self.tokenizer, prefix, continuations)
-                    for prefix, continuations in tqdm(items, desc="scoring", leave=False)]
+            return self.as_is.batch_continuation_logprobs(items, None)
 
-    @torch.no_grad()
     def greedy(self, prompts: Sequence[str], max_new_tokens: int, adapter: str | None) -> list[str]:
-        out = []
         with self._steer(adapter):
-            for prompt in prompts:  # one at a time: no padding, so exactly the reference's greedy path
-                ids = self.tokenizer(prompt, return_tensors="pt").input_ids
-                generated = self.model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
-                                                pad_token_id=self.tokenizer.pad_token_id or 0)
-                out.append(self.tokenizer.decode(generated[0, ids.shape[1]:], skip_special_tokens=True))
-        return out
+            return self.as_is.greedy(prompts, max_new_tokens, None)
 
 
 class VllmBackend:

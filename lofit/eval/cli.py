@@ -22,24 +22,21 @@ from pathlib import Path
 from typing import Any
 
 from lofit.adapter import AdapterError, LofitAdapter, load_adapter
-from lofit.tasks.base import TaskError
-
-TASKS = ("truthfulqa", "mquake", "clutrr", "arc", "boolq", "winogrande", "siqa", "gsm8k")
-LIKELIHOOD_TASKS = ("truthfulqa", "arc", "boolq", "winogrande", "siqa")
-METRIC = {"truthfulqa": "mc1", "mquake": "exact_match", "clutrr": "exact_match", "gsm8k": "exact_match"}
+from lofit.tasks import EVAL_TASKS, TASKS, TaskError
 
 
 def adapter_fold(adapter: LofitAdapter) -> int | None:
     """The TruthfulQA fold an adapter was trained on, from its recorded hyper-parameters."""
     fold = (adapter.metadata.get("hyperparameters") or {}).get("fold")
-    return fold if adapter.task == "truthfulqa" and fold in (0, 1) else None
+    task = TASKS.get(adapter.task or "")
+    return fold if task is not None and task.eval is not None and task.eval.folds and fold in (0, 1) else None
 
 
 def make_backend(args: argparse.Namespace):
     from lofit.eval.backends import TransformersBackend, VllmBackend
 
     if args.backend == "auto":
-        args.backend = "transformers" if args.task in LIKELIHOOD_TASKS else "vllm"
+        args.backend = "transformers" if TASKS[args.task].eval.likelihood else "vllm"
     if args.backend == "transformers":
         import torch
 
@@ -53,36 +50,17 @@ def make_backend(args: argparse.Namespace):
 
 def load_items(args: argparse.Namespace, fold: int | None) -> tuple[str, list]:
     """The split name and items to score (loaded before any model, so missing data fails fast)."""
-    from lofit.eval.choice import CHOICE_TASKS, load_choice_items
-    from lofit.eval.exact_match import load_generation_items
-    from lofit.tasks.truthfulqa import fold_file, read_items
-
+    spec = TASKS[args.task].eval
     split = args.split or "test"
-    if args.task == "truthfulqa":
-        return f"fold_{fold}_{split}", read_items(fold_file(fold, split, args.data))[: args.limit]
-    if args.task in CHOICE_TASKS:
-        return split, load_choice_items(args.task, args.data, args.limit, args.seed)
-    return split, load_generation_items(args.task, args.data, split, args.limit, args.seed)
-
-
-def score(task: str, backend, items: list, adapter: str | None) -> dict:
-    from lofit.eval.choice import CHOICE_TASKS, evaluate_choice
-    from lofit.eval.exact_match import evaluate_generation
-    from lofit.eval.truthfulqa import evaluate_truthfulqa
-
-    if task == "truthfulqa":
-        return evaluate_truthfulqa(backend, items, adapter)
-    if task in CHOICE_TASKS:
-        return evaluate_choice(backend, items, adapter)
-    return evaluate_generation(backend, task, items, adapter)
-
-
-SECOND_METRIC = {"truthfulqa": ("mc2", "MC2"), "mquake": ("exact_match_stripped", "stripped (diagnostic)")}
+    items = spec.items(data=args.data, split=split, fold=fold or 0, limit=args.limit, seed=args.seed)
+    return (f"fold_{fold}_{split}" if spec.folds else split), items
 
 
 def markdown(report: dict) -> str:
-    metric = METRIC.get(report["task"], "accuracy")
-    second, second_heading = SECOND_METRIC.get(report["task"], (None, ""))
+    """The report's results as a markdown table: the task's metric (and its second column) in percent."""
+    spec = TASKS[report["task"]].eval
+    metric = spec.metric
+    second, second_heading = spec.second or (None, "")
     extra = f" | {second_heading}" if second else ""
     heading = {"mc1": "MC1", "exact_match": "exact match"}.get(metric, metric)
     lines = [f"| model | split | {heading}{extra} | items |", "|---|---|---|---|" + ("---|" if extra else "")]
@@ -96,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="lofit-eval", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, required=True)
-    parser.add_argument("--task", required=True, choices=TASKS)
+    parser.add_argument("--task", required=True, choices=EVAL_TASKS)
     parser.add_argument("--adapter", type=Path, action="append", default=[], help="an adapter directory (repeat)")
     parser.add_argument("--split", help="data split (default: test)")
     parser.add_argument("--limit", type=int, help="score only N items (a seeded sample for the shuffled tasks)")
@@ -129,12 +107,13 @@ def main(argv: list[str] | None = None) -> None:
         except AdapterError as exc:
             fail(str(exc))
     folds = [0, 1] if args.fold == "both" else [int(args.fold)]
+    by_fold = TASKS[args.task].eval.folds
     jobs: list[tuple[str, Path | None, int | None]] = []  # (label, adapter path, fold)
     if not args.no_base:
-        jobs += [("base", None, fold) for fold in (folds if args.task == "truthfulqa" else [None])]
+        jobs += [("base", None, fold) for fold in (folds if by_fold else [None])]
     for path, adapter in adapters:
         fold = None
-        if args.task == "truthfulqa":
+        if by_fold:
             fold = adapter_fold(adapter) if args.fold == "both" else int(args.fold)
             if fold is None:
                 fail(f"{path}: cannot tell which TruthfulQA fold it was trained on; pass --fold 0 or 1")
@@ -149,10 +128,10 @@ def main(argv: list[str] | None = None) -> None:
             name = backend.load(path) if path is not None else None
             t0 = time.time()
             split, items = data[fold]
-            row = {"split": split, **score(args.task, backend, items, name)}
+            row = {"split": split, **TASKS[args.task].eval.score(backend, items, name)}
             results.append({"label": label, "adapter": None if path is None else str(path), "fold": fold,
                             **row, "seconds": round(time.time() - t0, 1)})
-            metric = METRIC.get(args.task, "accuracy")
+            metric = TASKS[args.task].eval.metric
             print(f"[eval] {args.task} {label} {row['split']}: {metric} {100 * row[metric]:.1f} "
                   f"({row['items']} items)", file=sys.stderr, flush=True)
     except (TaskError, AdapterError, FileNotFoundError) as exc:

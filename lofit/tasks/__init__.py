@@ -1,34 +1,117 @@
-"""Built-in training tasks: one module each, all returning a :class:`TaskData`."""
+"""The task registry: every built-in task, one module each, read by ``lofit-train``, ``lofit-eval`` and
+``lofit-baseline``.
+
+=============  =====================  ===============================  ===================
+task           ``lofit-train``        ``lofit-eval`` (metric)          ``lofit-baseline iti``
+=============  =====================  ===============================  ===================
+truthfulqa     DPO pairs              MC1 / MC2 (log-likelihood)       probe texts
+mquake         SFT                    exact match (greedy)             probe texts
+clutrr         SFT (``--data``)       exact match (greedy)             --
+arc, boolq     SFT                    accuracy (log-likelihood)        probe texts
+winogrande     --                     accuracy (log-likelihood)        --
+siqa           --                     accuracy (``--data``)            --
+gsm8k          --                     exact match (greedy)             --
+sft-jsonl      SFT from ``--data``    --                               --
+dpo-jsonl      DPO from ``--data``    --                               --
+=============  =====================  ===============================  ===================
+"""
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
-from lofit.tasks.base import PreferencePair, SFTExample, TaskData, TaskError
-from lofit.tasks.clutrr import load_clutrr
-from lofit.tasks.instruct import load_instruct
-from lofit.tasks.jsonl import load_dpo_jsonl, load_sft_jsonl
-from lofit.tasks.mquake import load_mquake
-from lofit.tasks.truthfulqa import load_truthfulqa
+from lofit.tasks import clutrr, commonsense, gsm8k, jsonl, mquake, truthfulqa
+from lofit.tasks.base import EvalSpec, PreferencePair, ProbeTexts, SFTExample, Task, TaskData, TaskError
 
-TASKS = ("truthfulqa", "mquake", "clutrr", "arc", "boolq", "sft-jsonl", "dpo-jsonl")
+# Reference learning rates and L1 weights: the Llama-2-7B rows of the official scripts (lofit-method.md §7).
+_DPO_DEFAULTS = {"lr_a": 5e-3, "l1": 5e-4, "lr_v": 1e-2}
+_SFT_DEFAULTS = {"lr_a": 5e-3, "l1": 1e-3, "lr_v": 1e-2}
 
-__all__ = ["TASKS", "PreferencePair", "SFTExample", "TaskData", "TaskError", "load_task"]
+
+# Each ``train`` is called as train(data=, val_data=, fold=, train_size=, seed=) with lofit-train's settings;
+# these adapters pass each loader the settings it uses.
+def _truthfulqa_train(data=None, val_data=None, fold=0, train_size=None, seed=42) -> TaskData:
+    return truthfulqa.load_truthfulqa(fold, data)
+
+
+def _mquake_train(data=None, val_data=None, fold=0, train_size=None, seed=42) -> TaskData:
+    return mquake.load_mquake(data)
+
+
+def _clutrr_train(data=None, val_data=None, fold=0, train_size=None, seed=42) -> TaskData:
+    return clutrr.load_clutrr(data, 300 if train_size is None else train_size, seed)
+
+
+def _sft_jsonl_train(data=None, val_data=None, fold=0, train_size=None, seed=42) -> TaskData:
+    return jsonl.load_sft_jsonl(data, val_data)
+
+
+def _dpo_jsonl_train(data=None, val_data=None, fold=0, train_size=None, seed=42) -> TaskData:
+    return jsonl.load_dpo_jsonl(data, val_data)
+
+
+def _commonsense(name: str, train: bool) -> Task:
+    """ARC and BoolQ train and have probe texts; WinoGrande and SIQA are evaluated only."""
+
+    def train_data(data=None, val_data=None, fold=0, train_size=None, seed=42) -> TaskData:
+        return commonsense.load_instruct(name, data, train_size, seed)
+
+    return Task(
+        name,
+        train=train_data if train else None,
+        train_defaults=_SFT_DEFAULTS if train else {},  # not in the paper's scripts: MQuAKE's SFT settings
+        eval=EvalSpec(partial(commonsense.eval_items, name), commonsense.evaluate, "accuracy", likelihood=True),
+        probe_texts=partial(commonsense.probe_texts, name) if train else None,
+        probe_format=commonsense.PROBE_FORMAT if train else None,
+    )
+
+
+TASKS: dict[str, Task] = {task.name: task for task in (
+    Task("truthfulqa", train=_truthfulqa_train, train_defaults=_DPO_DEFAULTS, max_len=512,
+         eval=EvalSpec(truthfulqa.eval_items, truthfulqa.evaluate_mc, "mc1", likelihood=True,
+                       second=("mc2", "MC2"), folds=True),
+         probe_texts=truthfulqa.probe_texts, probe_format=truthfulqa.PROBE_FORMAT),
+    Task("mquake", train=_mquake_train, train_defaults=_SFT_DEFAULTS,
+         eval=EvalSpec(mquake.eval_items, mquake.evaluate, "exact_match", likelihood=False,
+                       second=("exact_match_stripped", "stripped (diagnostic)")),
+         probe_texts=mquake.probe_texts, probe_format=mquake.PROBE_FORMAT),
+    Task("clutrr", train=_clutrr_train, train_defaults={"lr_a": 5e-4, "l1": 5e-3, "lr_v": 1e-2},
+         eval=EvalSpec(clutrr.eval_items, clutrr.evaluate, "exact_match", likelihood=False)),
+    _commonsense("arc", train=True),
+    _commonsense("boolq", train=True),
+    _commonsense("winogrande", train=False),
+    _commonsense("siqa", train=False),
+    Task("gsm8k", eval=EvalSpec(gsm8k.eval_items, gsm8k.evaluate, "exact_match", likelihood=False)),
+    Task("sft-jsonl", train=_sft_jsonl_train, train_defaults=_SFT_DEFAULTS),
+    Task("dpo-jsonl", train=_dpo_jsonl_train, train_defaults=_DPO_DEFAULTS, max_len=512),
+)}
+
+TRAIN_TASKS = tuple(name for name, task in TASKS.items() if task.train is not None)
+EVAL_TASKS = tuple(name for name, task in TASKS.items() if task.eval is not None)
+PROBE_TASKS = tuple(name for name, task in TASKS.items() if task.probe_texts is not None)
+
+__all__ = ["EVAL_TASKS", "PROBE_TASKS", "TASKS", "TRAIN_TASKS", "EvalSpec", "PreferencePair", "ProbeTexts",
+           "SFTExample", "Task", "TaskData", "TaskError", "get_task", "load_task"]
+
+
+def get_task(name: str, part: str | None = None) -> Task:
+    """The registry entry of ``name``; with ``part`` (``"train"``, ``"eval"`` or ``"probe_texts"``) it must have
+    that part. Raises :class:`TaskError` naming the tasks that do."""
+    task = TASKS.get(name)
+    if task is None:
+        raise TaskError(f"unknown task {name!r}; built-in tasks are {', '.join(TASKS)}")
+    if part is not None and getattr(task, part) is None:
+        having = {"train": TRAIN_TASKS, "eval": EVAL_TASKS, "probe_texts": PROBE_TASKS}[part]
+        what = {"train": "training data", "eval": "evaluation", "probe_texts": "probe texts"}[part]
+        raise TaskError(f"task {name!r} has no {what}; the tasks with {what} are {', '.join(having)}")
+    return task
 
 
 def load_task(name: str, data: str | Path | None = None, val_data: str | Path | None = None,
               fold: int = 0, train_size: int | None = None, seed: int = 42) -> TaskData:
-    """Load a built-in task by name; ``data`` is required for clutrr and the jsonl tasks."""
-    if name == "truthfulqa":
-        return load_truthfulqa(fold=fold, data_dir=data)
-    if name == "mquake":
-        return load_mquake(data_dir=data)
-    if name == "clutrr":
-        return load_clutrr(data_dir=data, train_size=300 if train_size is None else train_size, seed=seed)
-    if name in ("arc", "boolq"):
-        return load_instruct(name, data, train_size, seed)
-    if name == "sft-jsonl":
-        return load_sft_jsonl(data, val_data)
-    if name == "dpo-jsonl":
-        return load_dpo_jsonl(data, val_data)
-    raise TaskError(f"unknown task {name!r}; built-in tasks are {', '.join(TASKS)}")
+    """The training data of a built-in task; ``data`` is required for clutrr and the jsonl tasks.
+
+    Raises :class:`TaskError` for an unknown task or data that cannot be loaded.
+    """
+    return get_task(name, "train").train(data=data, val_data=val_data, fold=fold, train_size=train_size, seed=seed)

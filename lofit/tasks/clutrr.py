@@ -1,4 +1,8 @@
-"""CLUTRR (k = 2 kinship chains) as completion-only SFT (``lofit-method.md`` §8.3).
+"""CLUTRR (k = 2 kinship chains).
+
+- Training (``lofit-method.md`` §8.3): completion-only SFT of the relation after the ``"'s\n"`` template.
+- Evaluation (§9.2): the greedy completion (16 new tokens) of the same prompt; exact match = the text after
+  ``"'s\n"`` up to the first period, stripped and lower-cased, equals the target relation.
 
 CLUTRR is CC BY-NC 4.0, so it is not shipped: pass its directory (train.json, val.json) with ``--data``.
 The reference prompt keeps a parsing quirk (a leading space on the second name, hence double spaces);
@@ -12,7 +16,9 @@ import random
 from pathlib import Path
 from typing import Any
 
-from lofit.tasks.base import SFTExample, TaskData, TaskError, file_identity, require_file
+from lofit.tasks.base import Backend, SFTExample, TaskData, TaskError, file_identity, require_file, sample
+
+NEW_TOKENS = 16
 
 NO_DATA = ("CLUTRR is non-commercial (CC BY-NC 4.0) and not shipped with lofit; pass --data DIR with its "
            "train.json and val.json (for example the shared data folder's clutrr/)")
@@ -35,6 +41,7 @@ def prompt_of(item: dict[str, Any]) -> str:
 
 
 def read_items(path: Path) -> list[dict[str, Any]]:
+    """The items of a CLUTRR JSON file; raises :class:`TaskError` if it is not a JSON list."""
     try:
         items = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
@@ -52,6 +59,7 @@ def to_example(item: dict[str, Any], where: str) -> SFTExample:
 
 
 def load_clutrr(data_dir: str | Path | None, train_size: int = 300, seed: int = 42) -> TaskData:
+    """SFT examples: a seeded sample of ``train_size`` train items (the reference's), and every val item."""
     if data_dir is None:
         raise TaskError(NO_DATA)
     root = Path(data_dir)
@@ -68,3 +76,32 @@ def load_clutrr(data_dir: str | Path | None, train_size: int = 300, seed: int = 
         sources=[file_identity(paths[s], len(items[s])) for s in ("train", "val")],
         options={"train_size": len(train)},
     )
+
+
+def prediction(decoded: str) -> str:
+    """The predicted relation in prompt + completion (empty when the template is missing)."""
+    if "'s\n" not in decoded:
+        return ""
+    return decoded.split("'s\n", 1)[1].split(".")[0].strip().lower()
+
+
+def is_correct(decoded: str, item: dict[str, Any]) -> bool:
+    """Exact match of the predicted relation with the item's ``target_text`` (lower-cased)."""
+    return prediction(decoded) == item["target_text"].lower()
+
+
+def eval_items(data: str | Path | None = None, split: str = "test", fold: int = 0, limit: int | None = None,
+               seed: int = 0) -> list[dict[str, Any]]:
+    """The items of ``split`` from the CLUTRR folder ``data`` (required; a seeded sample of ``limit``)."""
+    if data is None:
+        raise TaskError(NO_DATA)
+    return sample(read_items(require_file(Path(data) / f"{split}.json", NO_DATA)), limit, seed)
+
+
+def evaluate(backend: Backend, items: list[dict[str, Any]], adapter: str | None) -> dict[str, Any]:
+    """Greedy completions of every item: ``{"exact_match", "items", "predictions"}``."""
+    prompts = [prompt_of(item) for item in items]
+    completions = backend.greedy(prompts, NEW_TOKENS, adapter)
+    correct = [is_correct(p + c, item) for p, c, item in zip(prompts, completions, items, strict=True)]
+    return {"exact_match": sum(correct) / len(items), "items": len(items),
+            "predictions": [c[:200] for c in completions]}

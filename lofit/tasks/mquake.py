@@ -1,7 +1,15 @@
-"""MQuAKE single-edit cases as completion-only SFT (``lofit-method.md`` §8.2).
+"""MQuAKE single-edit cases (the splits ship in ``lofit/data/mquake``).
 
-Prompt ``"Q: Imagine that {edit} {new target}. {first question} A:"``; completion = the new answer,
-joined with no space.
+- Training (``lofit-method.md`` §8.2): completion-only SFT, prompt
+  ``"Q: Imagine that {edit} {new target}. {first question} A:"``, completion = the new answer, joined with no
+  space.
+- Evaluation (§9.2): the greedy completion (16 new tokens) of the same prompt; exact match = the text after
+  the last ``"A:"`` up to the first newline, lower-cased, equals the new answer or one of its aliases (the
+  reference's rule; ``exact_match_stripped`` also forgives surrounding whitespace, a diagnostic).
+- Probe texts (ITI): ``prompt + new_answer`` (1) and ``prompt + answer`` (the pre-edit answer, 0).
+
+``python -m lofit.tasks.mquake REPORT.json ...`` recomputes both exact-match numbers of saved
+``lofit-eval`` reports from their predictions.
 """
 
 from __future__ import annotations
@@ -10,18 +18,25 @@ import json
 from pathlib import Path
 from typing import Any
 
-from lofit.tasks.base import PACKAGE_DATA, SFTExample, TaskData, TaskError, file_identity, require_file
+from lofit.tasks.base import (
+    PACKAGE_DATA,
+    Backend,
+    ProbeTexts,
+    SFTExample,
+    TaskData,
+    TaskError,
+    file_identity,
+    read_jsonl,
+    require_file,
+    sample,
+)
+
+NEW_TOKENS = 16
 
 
 def read_cases(path: Path) -> list[dict[str, Any]]:
-    cases = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if line.strip():
-            try:
-                cases.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise TaskError(f"{path}:{number}: invalid JSON ({exc})") from exc
-    return cases
+    """Every case of a JSON-lines file; raises :class:`TaskError` naming the line of invalid JSON."""
+    return read_jsonl(path)
 
 
 def prompt_of(case: dict[str, Any]) -> str:
@@ -39,6 +54,7 @@ def to_example(case: dict[str, Any], where: str) -> SFTExample:
 
 
 def load_mquake(data_dir: str | Path | None = None) -> TaskData:
+    """The SFT examples of the train and val splits (``data_dir`` defaults to the shipped folder)."""
     root = Path(data_dir) if data_dir else PACKAGE_DATA / "mquake"
     paths = {split: require_file(root / f"{split}.jsonl") for split in ("train", "val")}
     cases = {split: read_cases(path) for split, path in paths.items()}
@@ -46,3 +62,113 @@ def load_mquake(data_dir: str | Path | None = None) -> TaskData:
                 for split in paths}
     return TaskData(name="mquake", loss="sft", train=examples["train"], val=examples["val"],
                     sources=[file_identity(paths[s], len(cases[s])) for s in ("train", "val")])
+
+
+# --- evaluation: exact match ---------------------------------------------------------------------------
+
+def prediction(decoded: str) -> str:
+    """The predicted answer in prompt + completion: after the last ``"A:"``, up to the first newline, lower-cased."""
+    return decoded.split("A:")[-1].split("\n")[0].lower()
+
+
+def is_correct(decoded: str, case: dict[str, Any], strip: bool = False) -> bool:
+    """The reference's rule; ``strip=True`` also forgives whitespace around the prediction (diagnostic)."""
+    gold = {case["new_answer"].lower(), *(a.lower() for a in case.get("new_answer_alias", []))}
+    predicted = prediction(decoded)
+    return (predicted.strip() if strip else predicted) in gold
+
+
+def exact_match(completions: list[str], cases: list[dict[str, Any]], strip: bool = False) -> float:
+    """Exact match (a fraction) of greedy completions; ``strip=True`` gives the diagnostic beside the reference's."""
+    hits = [is_correct(prompt_of(case) + c, case, strip=strip) for c, case in zip(completions, cases, strict=True)]
+    return sum(hits) / len(cases)
+
+
+def eval_items(data: str | Path | None = None, split: str = "test", fold: int = 0, limit: int | None = None,
+               seed: int = 0) -> list[dict[str, Any]]:
+    """The cases of ``split`` (a seeded sample of ``limit`` when given)."""
+    root = Path(data) if data else PACKAGE_DATA / "mquake"
+    return sample(read_cases(require_file(root / f"{split}.jsonl")), limit, seed)
+
+
+def evaluate(backend: Backend, cases: list[dict[str, Any]], adapter: str | None) -> dict[str, Any]:
+    """Greedy completions of every case: ``{"exact_match", "exact_match_stripped", "items", "predictions"}``
+    (predictions cut to 200 characters)."""
+    completions = backend.greedy([prompt_of(case) for case in cases], NEW_TOKENS, adapter)
+    return {"exact_match": exact_match(completions, cases), "items": len(cases),
+            "predictions": [c[:200] for c in completions],
+            "exact_match_stripped": exact_match(completions, cases, strip=True)}
+
+
+def rescore(report: str | Path) -> list[tuple[str, float, float]]:
+    """(label, exact match, stripped exact match) for every model of a saved MQuAKE ``lofit-eval`` report,
+    recomputed from its predictions on the packaged split it was scored on. Raises :class:`TaskError`."""
+    try:
+        data = json.loads(require_file(Path(report)).read_text())
+    except json.JSONDecodeError as error:
+        raise TaskError(f"{report} is not a lofit-eval JSON report: {error}") from None
+    task = data.get("task") if isinstance(data, dict) else None
+    if task != "mquake":
+        raise TaskError(f"{report} is a {task!r} report, not mquake")
+    cases_of: dict[str, list[dict[str, Any]]] = {}
+    rows = []
+    for result in data["results"]:
+        split, predictions = result["split"], result["predictions"]
+        if split not in cases_of:
+            cases_of[split] = eval_items(split=split, limit=data.get("limit"), seed=data.get("seed", 0))
+        cases = cases_of[split]
+        if len(cases) != len(predictions):
+            raise TaskError(f"{report}: {result['label']} has {len(predictions)} predictions for {len(cases)} cases")
+        rows.append((result["label"], exact_match(predictions, cases), exact_match(predictions, cases, strip=True)))
+    return rows
+
+
+# --- probe texts (ITI) --------------------------------------------------------------------------------
+
+PROBE_FORMAT = "Q: Imagine that {fact} {target_new}. {question} A:{answer}"
+
+
+def mquake_texts(cases: list[dict[str, Any]]) -> ProbeTexts:
+    """Per case: ``prompt_of(case) + new_answer`` (label 1), ``prompt_of(case) + answer`` (label 0).
+
+    A case whose new and pre-edit answers are equal is skipped (groups stay 0, 1, 2, ... over the kept cases).
+    """
+    texts, labels, groups = [], [], []
+    for number, case in enumerate(cases):
+        try:
+            prompt, true, false = prompt_of(case), case["new_answer"], case["answer"]
+        except (KeyError, IndexError, TypeError) as exc:
+            raise TaskError(f"MQuAKE case {number}: not an MQuAKE case (missing {exc})") from exc
+        if true == false:
+            continue
+        group = groups[-1] + 1 if groups else 0
+        texts += [prompt + true, prompt + false]
+        labels += [1, 0]
+        groups += [group, group]
+    return ProbeTexts(texts, labels, groups)
+
+
+def probe_texts(fold: int = 0, limit: int | None = None, seed: int = 42) -> ProbeTexts:
+    """The probe texts of the first ``limit`` cases of the shipped train split (``fold``, ``seed`` unused)."""
+    path = require_file(PACKAGE_DATA / "mquake" / "train.jsonl")
+    all_cases = read_cases(path)
+    cases = all_cases[:limit]
+    texts = mquake_texts(cases)
+    kept = len(set(texts.groups))
+    texts.data = {"split": "train", "items": kept, "skipped_items": len(cases) - kept}
+    texts.files = [file_identity(path, len(all_cases))]
+    return texts
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) < 2:
+        sys.exit("usage: python -m lofit.tasks.mquake MQUAKE_REPORT.json [...]")
+    for path in sys.argv[1:]:
+        try:
+            rows = rescore(path)
+        except TaskError as error:
+            sys.exit(f"error: {error}")
+        for label, strict, stripped in rows:
+            print(f"{path}\t{label}\texact_match {100 * strict:.1f}\tstripped {100 * stripped:.1f}")

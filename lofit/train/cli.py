@@ -9,7 +9,7 @@ from dataclasses import fields
 
 from lofit.adapter import AdapterError, load_adapter
 from lofit.heads import UnsupportedModelError
-from lofit.tasks import TASKS, TaskError
+from lofit.tasks import TRAIN_TASKS, TaskError
 from lofit.train.config import ConfigError, TrainConfig
 
 
@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="JSON file of settings (keys as the long flags, with _ for -); "
                                     "flags given on the command line win")
     p.add_argument("--model", help="local Hugging Face checkpoint directory of the base model")
-    p.add_argument("--task", choices=TASKS, help="built-in task, or sft-jsonl/dpo-jsonl with --data")
+    p.add_argument("--task", choices=TRAIN_TASKS, help="built-in task, or sft-jsonl/dpo-jsonl with --data")
     p.add_argument("--data", help="data: FILE.jsonl for sft-jsonl (prompt, completion) and dpo-jsonl "
                                   "(prompt, chosen, rejected); the CLUTRR directory for clutrr; optional "
                                   "directory override for truthfulqa/mquake")

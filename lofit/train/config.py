@@ -9,17 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from lofit.heads import check_head_count, choose_k
-
-# Reference learning rates and L1 weights (Llama-2-7B rows of the official scripts, lofit-method.md §7).
-TASK_DEFAULTS: dict[str, dict[str, float]] = {
-    "truthfulqa": {"lr_a": 5e-3, "l1": 5e-4, "lr_v": 1e-2},
-    "mquake": {"lr_a": 5e-3, "l1": 1e-3, "lr_v": 1e-2},
-    "clutrr": {"lr_a": 5e-4, "l1": 5e-3, "lr_v": 1e-2},
-    "arc": {"lr_a": 5e-3, "l1": 1e-3, "lr_v": 1e-2},  # not in the paper's scripts: MQuAKE's SFT settings
-    "boolq": {"lr_a": 5e-3, "l1": 1e-3, "lr_v": 1e-2},
-    "sft-jsonl": {"lr_a": 5e-3, "l1": 1e-3, "lr_v": 1e-2},
-    "dpo-jsonl": {"lr_a": 5e-3, "l1": 5e-4, "lr_v": 1e-2},
-}
+from lofit.tasks import TASKS, TRAIN_TASKS
 
 
 class ConfigError(ValueError):
@@ -28,7 +18,8 @@ class ConfigError(ValueError):
 
 @dataclass
 class TrainConfig:
-    """All settings of a ``lofit-train`` run. ``None`` learning rates/L1 take the task's defaults."""
+    """All settings of a ``lofit-train`` run. ``None`` learning rates/L1 take the task's defaults
+    (:attr:`lofit.tasks.Task.train_defaults`)."""
 
     model: str
     task: str
@@ -64,12 +55,12 @@ class TrainConfig:
 
     def resolved(self) -> TrainConfig:
         """Fill task defaults and check every value; raises :class:`ConfigError`."""
-        defaults = TASK_DEFAULTS.get(self.task)
-        if defaults is None:
-            raise ConfigError(f"unknown task {self.task!r}; choose one of {', '.join(TASK_DEFAULTS)}")
-        out = replace(self, **{k: v for k, v in defaults.items() if getattr(self, k) is None})
+        if self.task not in TRAIN_TASKS:
+            raise ConfigError(f"unknown task {self.task!r}; choose one of {', '.join(TRAIN_TASKS)}")
+        task = TASKS[self.task]
+        out = replace(self, **{k: v for k, v in task.train_defaults.items() if getattr(self, k) is None})
         if out.max_len is None:
-            out.max_len = 512 if self.task in ("truthfulqa", "dpo-jsonl") else 400
+            out.max_len = task.max_len
         if out.epochs_a is None:
             out.epochs_a = out.epochs
         if out.epochs_v is None:

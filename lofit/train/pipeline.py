@@ -23,13 +23,19 @@ from lofit.train.stage2 import tune_offsets
 
 def _truthfulqa_mc(model, tokenizer, adapter: LofitAdapter, fold: int, limit: int | None,
                    progress: bool) -> dict[str, Any]:
-    from lofit.eval.truthfulqa import evaluate_mc
-    from lofit.tasks.truthfulqa import fold_file, read_items
+    """MC1/MC2 on the val split of ``fold``, base model then with ``adapter`` (the task's own scorer)."""
+    from lofit.eval.backends import ModelBackend
+    from lofit.tasks.truthfulqa import eval_items, evaluate_mc
 
-    items = read_items(fold_file(fold, "val"))[:limit]
-    before = evaluate_mc(model, tokenizer, items, progress, desc="MC on val, base model")
+    items = eval_items(split="val", fold=fold, limit=limit)
+
+    def mc(desc: str) -> dict[str, Any]:
+        result = evaluate_mc(ModelBackend(model, tokenizer, progress, desc), items, None)
+        return {"mc1": result["mc1"], "mc2": result["mc2"], "questions": result["items"]}
+
+    before = mc("MC on val, base model")
     with apply_adapters(model, adapter):
-        after = evaluate_mc(model, tokenizer, items, progress, desc="MC on val, with adapter")
+        after = mc("MC on val, with adapter")
     return {"split": f"fold_{fold}_val", "before": before, "after": after}
 
 

@@ -15,25 +15,22 @@ import torch
 from lofit.adapter import load_adapter
 from lofit.baselines.cli import main as baseline_main
 from lofit.baselines.iti import (
-    INSTRUCT_TEXT_FORMAT,
-    MQUAKE_TEXT_FORMAT,
+    as_tensors,
     fit_heads,
     head_activations,
-    instruct_texts,
     iti_offsets,
-    mquake_texts,
-    qa_texts,
     split_questions,
-    task_texts,
 )
 from lofit.eval.cli import adapter_fold
 from lofit.heads import HeadLayout, identity_from_checkpoint
 from lofit.intervene import apply_adapters
-from lofit.tasks import TaskError
+from lofit.tasks import TASKS, TaskError
 from lofit.tasks.base import PACKAGE_DATA
-from lofit.tasks.instruct import PROMPT, RESPONSE, answer_labels, instruct_rows, load_instruct
-from lofit.tasks.mquake import prompt_of, read_cases
-from lofit.tasks.truthfulqa import fold_file, read_items
+from lofit.tasks.commonsense import PROBE_FORMAT as INSTRUCT_TEXT_FORMAT
+from lofit.tasks.commonsense import PROMPT, RESPONSE, answer_labels, instruct_rows, instruct_texts, load_instruct
+from lofit.tasks.mquake import PROBE_FORMAT as MQUAKE_TEXT_FORMAT
+from lofit.tasks.mquake import mquake_texts, prompt_of, read_cases
+from lofit.tasks.truthfulqa import fold_file, qa_texts, read_items
 from lofit.train.cli import main as train_main
 from lofit.train.stage1 import random_selection, rank_heads
 
@@ -56,8 +53,8 @@ def test_qa_texts_label_every_answer_and_group_by_question():
     assert labelled.texts[0] == f"Q: {first.question}\nA: {first.correct_answers[0]}"
     expected = sum(len(set(i.correct_answers)) + len(set(i.incorrect_answers)) for i in items)
     assert len(labelled.texts) == len(labelled.labels) == len(labelled.groups) == expected
-    assert int(labelled.labels.sum()) == sum(len(set(i.correct_answers)) for i in items)
-    assert labelled.groups.tolist() == sorted(labelled.groups.tolist()) and set(labelled.groups.tolist()) == {0, 1, 2}
+    assert sum(labelled.labels) == sum(len(set(i.correct_answers)) for i in items)
+    assert labelled.groups == sorted(labelled.groups) and set(labelled.groups) == {0, 1, 2}
 
 
 def test_mquake_texts_pair_the_new_and_the_pre_edit_answer():
@@ -70,13 +67,13 @@ def test_mquake_texts_pair_the_new_and_the_pre_edit_answer():
         fact=rewrite["prompt"].format(rewrite["subject"]), target_new=rewrite["target_new"]["str"],
         question=first["questions"][0], answer=first["new_answer"])
     assert labelled.texts[0].endswith(" A:" + first["new_answer"]), "joined with no space, as lofit-train does"
-    assert labelled.labels.tolist() == [1, 0] * 3 and labelled.groups.tolist() == [0, 0, 1, 1, 2, 2]
+    assert labelled.labels == [1, 0] * 3 and labelled.groups == [0, 0, 1, 1, 2, 2]
 
     same = {**cases[1], "answer": cases[1]["new_answer"]}
     skipped = mquake_texts([cases[0], same, cases[2]])
-    assert skipped.groups.tolist() == [0, 0, 1, 1] and skipped.texts[2] == prompt_of(cases[2]) + cases[2]["new_answer"]
-    source = task_texts("mquake", limit=5)
-    assert source.data == {"split": "train", "items": 5, "skipped_items": 0} and len(source.labelled.texts) == 10
+    assert skipped.groups == [0, 0, 1, 1] and skipped.texts[2] == prompt_of(cases[2]) + cases[2]["new_answer"]
+    source = TASKS["mquake"].probe_texts(limit=5)
+    assert source.data == {"split": "train", "items": 5, "skipped_items": 0} and len(source.texts) == 10
 
 
 def test_instruct_texts_arc_row_gives_one_true_and_a_false_per_other_label():
@@ -86,7 +83,7 @@ def test_instruct_texts_arc_row_gives_one_true_and_a_false_per_other_label():
     prompt = PROMPT.format(instruction=row["instruction"])
     assert labelled.texts[0] == prompt + row["output"] == INSTRUCT_TEXT_FORMAT.format(
         instruction=row["instruction"], label=row["answer"])
-    assert labelled.labels.tolist() == [1, 0, 0, 0] and labelled.groups.tolist() == [0, 0, 0, 0]
+    assert labelled.labels == [1, 0, 0, 0] and labelled.groups == [0, 0, 0, 0]
     others = [label for label in ("answer1", "answer2", "answer3", "answer4") if label != row["answer"]]
     assert labelled.texts[1:] == [prompt + RESPONSE.format(label=label) for label in others]
 
@@ -101,27 +98,27 @@ def test_instruct_texts_arc_row_gives_one_true_and_a_false_per_other_label():
 def test_instruct_texts_boolq_row_gives_one_true_and_one_false():
     rows = instruct_rows("boolq").train[:5]
     labelled = instruct_texts(rows)
-    assert labelled.labels.tolist() == [1, 0] * 5 and labelled.groups.tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
+    assert labelled.labels == [1, 0] * 5 and labelled.groups == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
     for row, true, false in zip(rows, labelled.texts[::2], labelled.texts[1::2], strict=True):
         other = {"true": "false", "false": "true"}[row["answer"]]
         assert true == PROMPT.format(instruction=row["instruction"]) + row["output"]
         assert false == PROMPT.format(instruction=row["instruction"]) + f"the correct answer is {other}"
-    assert task_texts("boolq").data["items"] == 1000, "capped like lofit-train's default"
-    assert task_texts("boolq", limit=1500).data["items"] == 1500, "--limit replaces the cap"
+    assert TASKS["boolq"].probe_texts().data["items"] == 1000, "capped like lofit-train's default"
+    assert TASKS["boolq"].probe_texts(limit=1500).data["items"] == 1500, "--limit replaces the cap"
 
 
 @pytest.mark.parametrize("seed", [42, 7])
 def test_arc_texts_are_the_training_rows_and_never_the_val_rows(seed):
-    source = task_texts("arc", seed=seed)
+    source = TASKS["arc"].probe_texts(seed=seed)
     trained = load_instruct("arc", seed=seed)
-    true_texts = [t for t, label in zip(source.labelled.texts, source.labelled.labels, strict=True) if label]
+    true_texts = [t for t, label in zip(source.texts, source.labels, strict=True) if label]
     assert true_texts == [ex.prompt + ex.completion for ex in trained.train], "the rows lofit-train trains on"
     prompts = Counter(t.rpartition("### Response:\n")[0] + "### Response:\n" for t in true_texts)
     everything = Counter(PROMPT.format(instruction=r["instruction"])
                          for r in json.loads((PACKAGE_DATA / "arc" / "train.json").read_text()))
     assert everything - prompts == Counter(ex.prompt for ex in trained.val), "exactly the val rows are left out"
     assert source.data == {"split": "train", "items": 1119 - 111, "held_out_val_rows": 111, "split_seed": seed}
-    assert task_texts("arc", seed=seed, limit=12).labelled.texts == source.labelled.texts[:48]
+    assert TASKS["arc"].probe_texts(seed=seed, limit=12).texts == source.texts[:48]
 
 
 def test_split_holds_out_whole_questions_with_a_seed():
@@ -194,7 +191,8 @@ def test_probes_rank_a_planted_head_first(stories_model, stories_tokenizer, plan
     o_proj = stories_model.model.layers[layer].self_attn.o_proj
     o_proj.weight[:, columns] = 0
     labelled = qa_texts(read_items(fold_file(0, "train"))[:30])
-    signs = (2 * labelled.labels - 1).float()
+    labels, groups = as_tensors(labelled)
+    signs = (2 * labels - 1).float()
     direction = torch.nn.functional.normalize(torch.randn(8, generator=torch.Generator().manual_seed(1)), dim=0)
     rows_done = 0
 
@@ -208,7 +206,7 @@ def test_probes_rank_a_planted_head_first(stories_model, stories_tokenizer, plan
     handle = o_proj.register_forward_pre_hook(plant)
     activations = head_activations(stories_model, stories_tokenizer, labelled.texts, batch_size=64)
     handle.remove()
-    probes = fit_heads(activations, labelled.labels, labelled.groups, seed=0)
+    probes = fit_heads(activations, labels, groups, seed=0)
 
     assert rank_heads(probes.accuracy)[0] == planted
     others = probes.accuracy.clone()

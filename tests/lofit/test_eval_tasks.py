@@ -8,41 +8,30 @@ import sys
 
 import pytest
 
-from lofit.eval.backends import TransformersBackend, split_continuations
-from lofit.eval.choice import (
+from lofit.eval.backends import ModelBackend, TransformersBackend, split_continuations
+from lofit.eval.cli import markdown
+from lofit.tasks import clutrr, gsm8k, mquake
+from lofit.tasks.base import TaskError
+from lofit.tasks.commonsense import (
     PROMPT,
-    ChoiceItem,
+    MultipleChoiceItem,
+    accuracy,
     answers_instruction,
     boolq_instruction,
-    choice_accuracy,
-    load_choice_items,
+    eval_items,
 )
-from lofit.eval.cli import markdown
-from lofit.eval.exact_match import (
-    clutrr_correct,
-    clutrr_prediction,
-    evaluate_generation,
-    gsm8k_gold,
-    gsm8k_number,
-    load_generation_items,
-    mquake_correct,
-    mquake_prediction,
-    rescore_mquake,
-)
-from lofit.eval.truthfulqa import answer_logprobs, evaluate_truthfulqa, format_answer, question_context
-from lofit.tasks.base import TaskError
-from lofit.tasks.truthfulqa import TruthfulQAItem
+from lofit.tasks.truthfulqa import TruthfulQAItem, evaluate_mc, format_answer, question_context
 
 
 def test_mquake_reads_after_the_last_answer_marker_and_does_not_strip():
     case = {"new_answer": "Sweden", "new_answer_alias": ["SE", "Sverige"]}
     prompt = "Q: Imagine that X is a citizen of Sweden. Which country is Y a citizen of? A:"
-    assert mquake_prediction(prompt + "Sweden\nQ: next A: no") == " no"
-    assert mquake_correct(prompt + "Sweden\nQ: more", case)
-    assert mquake_correct(prompt + "sverige\n", case)
-    assert not mquake_correct(prompt + " Sweden\n", case), "a leading space makes it wrong, as in the reference"
-    assert mquake_correct(prompt + " Sweden\n", case, strip=True), "the stripped diagnostic forgives it"
-    assert not mquake_correct(prompt + " Norway\n", case, strip=True)
+    assert mquake.prediction(prompt + "Sweden\nQ: next A: no") == " no"
+    assert mquake.is_correct(prompt + "Sweden\nQ: more", case)
+    assert mquake.is_correct(prompt + "sverige\n", case)
+    assert not mquake.is_correct(prompt + " Sweden\n", case), "a leading space makes it wrong, as in the reference"
+    assert mquake.is_correct(prompt + " Sweden\n", case, strip=True), "the stripped diagnostic forgives it"
+    assert not mquake.is_correct(prompt + " Norway\n", case, strip=True)
 
 
 class _FixedGreedy:
@@ -65,35 +54,35 @@ def _mquake_report(tmp_path, predictions, limit):
 
 
 def test_mquake_reports_the_stripped_score_beside_the_reference_score(tmp_path):
-    cases = load_generation_items("mquake", limit=4, seed=0)
+    cases = mquake.eval_items(limit=4, seed=0)
     completions = [cases[0]["new_answer"] + "\nQ:", " " + cases[1]["new_answer"], " wrong", ""]
-    result = evaluate_generation(_FixedGreedy(completions), "mquake", cases, adapter=None)
+    result = mquake.evaluate(_FixedGreedy(completions), cases, adapter=None)
     assert result["exact_match"] == 0.25
     assert result["exact_match_stripped"] == 0.5
     table = markdown({"task": "mquake", "results": [{"label": "a", "split": "test", **result}]})
     assert "| exact match | stripped (diagnostic) |" in table and "| a | test | 25.0 | 50.0 | 4 |" in table
     # the same numbers come back from a saved report's predictions
     path = _mquake_report(tmp_path, completions, limit=4)
-    assert rescore_mquake(path) == [("a", 0.25, 0.5)]
+    assert mquake.rescore(path) == [("a", 0.25, 0.5)]
 
 
 def test_rescoring_refuses_a_report_it_cannot_match(tmp_path):
     with pytest.raises(TaskError, match="3 predictions for 4 cases"):
-        rescore_mquake(_mquake_report(tmp_path, ["x"] * 3, limit=4))
+        mquake.rescore(_mquake_report(tmp_path, ["x"] * 3, limit=4))
     other = tmp_path / "boolq.json"
     other.write_text(json.dumps({"task": "boolq", "results": []}))
     with pytest.raises(TaskError, match="not mquake"):
-        rescore_mquake(other)
+        mquake.rescore(other)
     other.write_text("{not json")
     with pytest.raises(TaskError, match="not a lofit-eval JSON report"):
-        rescore_mquake(other)
+        mquake.rescore(other)
 
 
 def test_clutrr_reads_the_relation_after_the_template():
     decoded = "... Answer:  Roy is Cleo 's\n Grandson. Then more."
-    assert clutrr_prediction(decoded) == "grandson"
-    assert clutrr_correct(decoded, {"target_text": "grandson"})
-    assert not clutrr_correct("no template here", {"target_text": "grandson"})
+    assert clutrr.prediction(decoded) == "grandson"
+    assert clutrr.is_correct(decoded, {"target_text": "grandson"})
+    assert not clutrr.is_correct("no template here", {"target_text": "grandson"})
 
 
 @pytest.mark.parametrize(("text", "number"), [
@@ -103,11 +92,11 @@ def test_clutrr_reads_the_relation_after_the_template():
     ("no digits", None),
 ])
 def test_gsm8k_takes_the_last_number_of_the_answer(text, number):
-    assert gsm8k_number(text) == number
+    assert gsm8k.answer_number(text) == number
 
 
 def test_gsm8k_gold_is_after_the_marker():
-    assert gsm8k_gold("Janet sells 9 eggs.\n#### 1,018") == "1018"
+    assert gsm8k.gold_number("Janet sells 9 eggs.\n#### 1,018") == "1018"
 
 
 def test_choice_prompts_follow_the_training_format():
@@ -116,24 +105,25 @@ def test_choice_prompts_follow_the_training_format():
         "Answer format: answer1/answer2")
     assert boolq_instruction("is water wet") == ("Please answer the following question with true or false, "
                                                   "question: is water wet?\n\nAnswer format: true/false")
-    item = ChoiceItem("Do it.", ("true", "false"), "true")
+    item = MultipleChoiceItem("Do it.", ("true", "false"), "true")
     assert item.prompt == PROMPT.format(instruction="Do it.") and item.prompt.endswith("### Response:\n")
     assert item.responses() == ["the correct answer is true", "the correct answer is false"]
 
 
 def test_choice_accuracy_picks_the_highest_score():
-    items = [ChoiceItem("a", ("answer1", "answer2", "answer3"), "answer2"), ChoiceItem("b", ("true", "false"), "true")]
-    accuracy, predictions = choice_accuracy([[-3.0, -1.0, -2.0], [-2.0, -0.5]], items)
-    assert predictions == ["answer2", "false"] and accuracy == 0.5
+    items = [MultipleChoiceItem("a", ("answer1", "answer2", "answer3"), "answer2"),
+             MultipleChoiceItem("b", ("true", "false"), "true")]
+    value, predictions = accuracy([[-3.0, -1.0, -2.0], [-2.0, -0.5]], items)
+    assert predictions == ["answer2", "false"] and value == 0.5
 
 
 @pytest.mark.parametrize(("task", "count", "labels"), [("arc", 1172, 4), ("boolq", 3270, 2), ("winogrande", 1267, 2)])
 def test_shipped_choice_data_loads(task, count, labels):
-    items = load_choice_items(task)
+    items = eval_items(task)
     assert len(items) == count
     assert all(item.answer in item.labels for item in items)
     assert max(len(item.labels) for item in items) >= labels
-    assert len(load_choice_items(task, limit=10, seed=1)) == 10
+    assert len(eval_items(task, limit=10, seed=1)) == 10
 
 
 class FixedScores:
@@ -151,7 +141,7 @@ def test_truthfulqa_scores_the_reference_continuations():
     item = TruthfulQAItem(question="Can pigs fly?", best_answer="No", correct_answers=["No", "They cannot"],
                           incorrect_answers=["Yes"])
     backend = FixedScores([[-1.0, -1.0, -2.0, -3.0]])
-    result = evaluate_truthfulqa(backend, [item], adapter=None)
+    result = evaluate_mc(backend, [item], adapter=None)
     [(prefix, continuations)] = backend.requests
     assert prefix == question_context("Can pigs fly?") + "\nA:"
     assert continuations == [" No.", " No.", " They cannot.", " Yes."]
@@ -165,7 +155,8 @@ def test_transformers_backend_equals_the_validated_scorer(stories_dir, stories_m
     backend = TransformersBackend(stories_dir)
     context = question_context("Once upon a time, who was there?")
     answers = [format_answer(a) for a in ["A little girl", "A dog named Max", "Nobody"]]
-    expected = answer_logprobs(stories_model, stories_tokenizer, context, answers)
+    [expected] = ModelBackend(stories_model, stories_tokenizer).batch_continuation_logprobs(
+        [(context + "\nA:", [" " + a for a in answers])], None)
     [got] = backend.batch_continuation_logprobs([(context + "\nA:", [" " + a for a in answers])], None)
     assert got == pytest.approx(expected, abs=1e-4)
     prefix_ids, [cont_ids] = split_continuations(stories_tokenizer, "Lily went", [" home"])
@@ -208,6 +199,6 @@ def test_instruction_training_data_uses_the_prompt_the_evaluation_scores():
     boolq = load_task("boolq")
     assert len(boolq.train) == 1000 and len(boolq.val) == 200
     # the evaluation's own instruction for an ARC test item has the training file's shape
-    item = load_choice_items("arc", limit=1)[0]
+    item = eval_items("arc", limit=1)[0]
     assert item.instruction.startswith("Please choose the correct answer to the question: ")
     assert item.instruction.endswith("Answer format: " + "/".join(item.labels))

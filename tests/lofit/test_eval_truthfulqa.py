@@ -1,4 +1,5 @@
-"""The TruthfulQA MC scorer: metric arithmetic, prompt strings, and the cached-prefix scoring."""
+"""The TruthfulQA MC scorer (:mod:`lofit.tasks.truthfulqa`): metric arithmetic, prompt strings, and the
+cached-prefix scoring."""
 
 from __future__ import annotations
 
@@ -7,15 +8,24 @@ import math
 import pytest
 import torch
 
-from lofit.eval.truthfulqa import (
+from lofit.eval.backends import ModelBackend
+from lofit.tasks.truthfulqa import (
     QA_PRIMER,
-    answer_logprobs,
+    TruthfulQAItem,
+    evaluate_mc,
     format_answer,
+    item_metrics,
     mc_metrics,
+    mc_request,
     question_context,
-    score_item,
 )
-from lofit.tasks.truthfulqa import TruthfulQAItem
+
+
+def answer_logprobs(model, tokenizer, context: str, answers: list[str]) -> list[float]:
+    """Each answer's summed log-probs after ``context + "\nA:"``, as the MC scorer asks for them."""
+    [scores] = ModelBackend(model, tokenizer).batch_continuation_logprobs(
+        [(context + "\nA:", [" " + a for a in answers])], None)
+    return scores
 
 
 def test_mc1_needs_the_best_answer_to_beat_every_incorrect_one():
@@ -58,7 +68,11 @@ def test_cached_prefix_scores_equal_full_forward_passes(stories_model, stories_t
 def test_score_item_uses_best_true_and_false_answers(stories_model, stories_tokenizer):
     item = TruthfulQAItem("Can pigs fly?", "No, pigs cannot fly", ["No, pigs cannot fly", "No"],
                           ["Yes, pigs can fly"])
-    result = score_item(stories_model, stories_tokenizer, item)
-    assert len(result.true_scores) == 2 and len(result.false_scores) == 1
-    assert result.mc1 == float(result.true_scores[0] > result.false_scores[0])
-    assert 0.0 < result.mc2 < 1.0
+    backend = ModelBackend(stories_model, stories_tokenizer)
+    [scores] = backend.batch_continuation_logprobs([mc_request(item)], None)
+    best, true_scores, false_scores = scores[0], scores[1:3], scores[3:]
+    assert len(true_scores) == 2 and len(false_scores) == 1
+    mc1, mc2 = item_metrics(item, scores)
+    assert mc1 == float(true_scores[0] > false_scores[0]) and best == true_scores[0]
+    assert 0.0 < mc2 < 1.0
+    assert evaluate_mc(backend, [item], None) == {"mc1": mc1, "mc2": mc2, "items": 1}

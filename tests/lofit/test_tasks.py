@@ -96,3 +96,24 @@ def test_unknown_task_and_missing_files(tmp_path):
         load_task("sft-jsonl", data=tmp_path / "missing.jsonl")
     with pytest.raises(TaskError, match="folds 0 and 1"):
         load_task("truthfulqa", fold=2)
+
+
+def test_one_registry_gives_every_command_line_its_tasks():
+    from lofit.baselines.cli import build_parser as baseline_parser
+    from lofit.tasks import EVAL_TASKS, PROBE_TASKS, TASKS, TRAIN_TASKS, get_task
+    from lofit.train.cli import build_parser as train_parser
+
+    assert TRAIN_TASKS == ("truthfulqa", "mquake", "clutrr", "arc", "boolq", "sft-jsonl", "dpo-jsonl")
+    assert EVAL_TASKS == ("truthfulqa", "mquake", "clutrr", "arc", "boolq", "winogrande", "siqa", "gsm8k")
+    assert PROBE_TASKS == ("truthfulqa", "mquake", "arc", "boolq")
+    train_task = next(a for a in train_parser()._actions if a.dest == "task")
+    assert tuple(train_task.choices) == TRAIN_TASKS
+    iti = baseline_parser()._subparsers._group_actions[0].choices["iti"]
+    assert tuple(next(a for a in iti._actions if a.dest == "task").choices) == PROBE_TASKS
+    assert {TASKS[t].eval.metric for t in EVAL_TASKS} == {"mc1", "exact_match", "accuracy"}
+    with pytest.raises(TaskError, match="unknown task 'nope'; built-in tasks are truthfulqa, mquake"):
+        get_task("nope")
+    with pytest.raises(TaskError, match="task 'gsm8k' has no training data; the tasks with training data are "):
+        load_task("gsm8k")
+    with pytest.raises(TaskError, match="task 'winogrande' has no probe texts"):
+        get_task("winogrande", "probe_texts")

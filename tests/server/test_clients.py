@@ -20,8 +20,7 @@ import httpx
 import pytest
 
 from lofit.default_model import default_model_dir
-from lofit.eval.truthfulqa import format_answer, question_context
-from lofit.tasks.truthfulqa import fold_file, read_items
+from lofit.tasks.truthfulqa import fold_file, format_answer, question_context, read_items
 from tests.server.conftest import API_KEY, BASE, REPO, SHIPPED, Peers
 
 PROMPT = "Q: Can pigs fly? A:"
