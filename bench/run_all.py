@@ -1,6 +1,6 @@
 """All serving benchmarks in one run: throughput, latency, LoRA, the transformers reference, hot loads, memory.
 
-    .venv/bin/python bench/run_all.py [--quick] [--only offline,http,lora,reference,hotload,memory]
+    .venv/bin/python -m bench.run_all [--quick] [--only offline,http,lora,reference,hotload,memory]
                                       [--out bench/results/<date>/] [--concurrency 1,16,64] [--rounds 4]
                                       [--prompt-tokens 128] [--output-tokens 64] [--loads 50]
 
@@ -54,7 +54,8 @@ os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")  # children start
 os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # the bank measurement is a function RPC
 
 import torch  # noqa: E402
-from common import (  # noqa: E402
+
+from bench.common import (  # noqa: E402
     ADAPTER_HEADS,
     Stream,
     child_pids,
@@ -71,8 +72,7 @@ from common import (  # noqa: E402
     text_prompts,
     tree_memory,
 )
-from hot_load import measure_hot_load  # noqa: E402
-
+from bench.hot_load import measure_hot_load  # noqa: E402
 from lofit.default_model import default_model_dir  # noqa: E402
 from lofit.vllm.contract import RPC_LOAD, RPC_UNLOAD, extra_args_for  # noqa: E402
 from server.launch import ServerProcess, free_port, lofit_serve_argv, without_lofit  # noqa: E402
@@ -878,7 +878,7 @@ async def run(cfg: Config) -> dict:
     load_general_plugins()  # here, once, with the LoFiT plugin: stock engines only hide it from their children
     results: dict[str, Any] = {
         "started": datetime.datetime.now().isoformat(timespec="seconds"),
-        "command": shlex.join([".venv/bin/python", "bench/run_all.py", *sys.argv[1:]]),
+        "command": shlex.join([".venv/bin/python", "-m", "bench.run_all", *sys.argv[1:]]),
         "machine": machine_info(), "settings": {k: str(v) for k, v in vars(cfg).items()},
         "engines": {}, "hotload": {}, "errors": {},
         "memory": {"computed": bank_rows_computed(cfg), "rss": []}}

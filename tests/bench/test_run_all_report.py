@@ -5,15 +5,13 @@ from __future__ import annotations
 import copy
 import json
 import os
-import sys
 from pathlib import Path
 from unittest import mock
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))  # the script imports its sibling common.py
 with mock.patch.dict(os.environ):  # run_all sets vLLM's process start method at import: keep it out of other tests
-    from run_all import goals, parse_args, report
+    from bench.run_all import goals, parse_args, report
 
 RUN = Path(__file__).resolve().parents[2] / "docs" / "benchmarks" / "2026-11-27-cpu"
 

@@ -1,0 +1,4 @@
+"""Benchmark scripts (not tests), a package so that they import each other as ``bench.<module>``.
+
+Run each from the repository root as a module, e.g. ``.venv/bin/python -m bench.run_all --quick``.
+"""
