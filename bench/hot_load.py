@@ -8,7 +8,8 @@ Run against a live server whose adapters directory you can write to:
 Each adapter (8 heads, the shipped adapter's size) is written to the adapters directory first; only the HTTP
 load is timed (validation against the served model, the load on every worker, and the registry update).
 The adapters are unloaded and their folders removed afterwards. Prints a table and writes JSON.
-``python -m bench.run_all`` calls :func:`measure_hot_load` against the server it starts.
+``python -m bench.run_all`` calls :func:`measure_hot_load` against the server it starts
+(``bench/serving/phase_http.py``).
 """
 
 from __future__ import annotations
