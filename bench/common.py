@@ -1,7 +1,7 @@
 """Shared parts of the benchmark scripts: test adapters (LoFiT and LoRA), prompts, statistics, the machine,
 process memory and markdown tables.
 
-Imported by the scripts in ``bench/`` as a sibling module (``from common import ...``); it imports vLLM
+Imported by the scripts in ``bench/`` as ``from bench.common import ...``; it imports vLLM
 nowhere, so it stays cheap to import.
 """
 

@@ -25,9 +25,9 @@ the block without is printed too. Rotary embedding and the KV-cache write are le
 makes the block cheaper and the ratio conservative. On a GPU the timed calls are captured in a CUDA graph
 (as vLLM runs decode) and timed with CUDA events; ``--no-graphs`` times plain launches.
 
-    python bench/gpu_gather_add.py                         # CUDA, Llama-2-7B shapes
-    python bench/gpu_gather_add.py --device cpu            # small shapes, a smoke test of the script
-    TRITON_INTERPRET=1 python bench/gpu_gather_add.py --device cpu --triton --check-only --dtype float32
+    python -m bench.gpu_gather_add                         # CUDA, Llama-2-7B shapes
+    python -m bench.gpu_gather_add --device cpu            # small shapes, a smoke test of the script
+    TRITON_INTERPRET=1 python -m bench.gpu_gather_add --device cpu --triton --check-only --dtype float32
                                                            # the Triton kernels' correctness, on CPU
 """
 

@@ -3,12 +3,13 @@
 Run against a live server whose adapters directory you can write to:
 
     lofit-serve --admin-key KEY &
-    python bench/hot_load.py --url http://127.0.0.1:8000 --admin-key KEY --adapters-dir adapters [--loads 20]
+    python -m bench.hot_load --url http://127.0.0.1:8000 --admin-key KEY --adapters-dir adapters [--loads 20]
 
 Each adapter (8 heads, the shipped adapter's size) is written to the adapters directory first; only the HTTP
 load is timed (validation against the served model, the load on every worker, and the registry update).
 The adapters are unloaded and their folders removed afterwards. Prints a table and writes JSON.
-``bench/run_all.py`` calls :func:`measure_hot_load` against the server it starts.
+``python -m bench.run_all`` calls :func:`measure_hot_load` against the server it starts
+(``bench/serving/phase_http.py``).
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ import time
 from pathlib import Path
 
 import httpx
-from common import percentile, random_adapter
 
+from bench.common import percentile, random_adapter
 from lofit.default_model import default_model_dir
 from lofit.heads import identity_from_checkpoint
 

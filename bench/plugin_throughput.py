@@ -7,7 +7,7 @@ so the variants are interleaved in time; prompts differ per request and per roun
 prefix-cache hits the others do not. The first round warms up and is dropped; the median over the remaining
 rounds is reported, with the ratios the plugin is judged by.
 
-    python bench/plugin_throughput.py [--model DIR] [--requests 64] [--prompt-tokens 64] [--output-tokens 32]
+    python -m bench.plugin_throughput [--model DIR] [--requests 64] [--prompt-tokens 64] [--output-tokens 32]
                                       [--rounds 4] [--out bench/results/plugin_throughput.json]
 """
 
@@ -20,8 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import ADAPTER_HEADS, machine_info, make_adapters, random_token_prompts
-
+from bench.common import ADAPTER_HEADS, machine_info, make_adapters, random_token_prompts
 from lofit.default_model import default_model_dir
 from lofit.vllm.contract import RPC_LOAD, extra_args_for
 

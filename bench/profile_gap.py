@@ -1,7 +1,7 @@
 """Where the time goes at high concurrency: the plugin on vLLM against the transformers reference path.
 
-    python bench/profile_gap.py                       # batch 64, 128 prompt + 32 output tokens, 64 adapters
-    python bench/profile_gap.py --batch 16 --out bench/results/profile-16
+    python -m bench.profile_gap                       # batch 64, 128 prompt + 32 output tokens, 64 adapters
+    python -m bench.profile_gap --batch 16 --out bench/results/profile-16
 
 Each path generates the same batch (random prompt ids, one distinct LoFiT adapter per row, greedy,
 ``ignore_eos``) once to warm up and once under ``torch.profiler``, in a subprocess of its own so that no
@@ -30,14 +30,10 @@ import tempfile
 import time
 from pathlib import Path
 
-if __name__ == "__main__":  # the engine stays in this process, so the profiler sees the model's operators
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+import torch
 
-import torch  # noqa: E402
-from common import greedy_generate, machine_info, make_adapters, md_table, random_token_prompts  # noqa: E402
-
-from lofit.default_model import default_model_dir  # noqa: E402
+from bench.common import greedy_generate, machine_info, make_adapters, md_table, random_token_prompts
+from lofit.default_model import default_model_dir
 
 PATHS = ("plugin-compiled", "plugin-eager", "reference")
 LOFIT_LABEL = "lofit::gather_add"
@@ -165,6 +161,12 @@ def report(results: dict[str, dict], args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
+def set_environment() -> None:
+    """vLLM's settings for the paths (inherited by their subprocesses); before any engine starts."""
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine stays in this process, so the
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # profiler sees the model's operators
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=str(default_model_dir()))
@@ -179,6 +181,7 @@ def main() -> None:
     parser.add_argument("--path", choices=PATHS, help=argparse.SUPPRESS)  # internal: run one path
     parser.add_argument("--adapters", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    set_environment()
     if args.path:
         return child(args)
 
@@ -188,7 +191,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="lofit-profile-") as work:
         make_adapters(Path(args.model), args.batch, Path(work) / "adapters")
         for path in args.paths.split(","):
-            command = [sys.executable, __file__, "--path", path, "--adapters", str(Path(work) / "adapters"),
+            command = [sys.executable, "-m", "bench.profile_gap", "--path", path,
+                       "--adapters", str(Path(work) / "adapters"),
                        *[f"--{k.replace('_', '-')}={getattr(args, k)}" for k in
                          ("model", "batch", "prompt_tokens", "output_tokens", "dtype", "threads")]]
             print(f"[profile] {path} ...", flush=True)

@@ -8,7 +8,7 @@ schedule. Its heads are spread over the layers, one in layer 0, so the backward 
 one (the worst case; heads only in later layers make stage 2 cheaper). Stage 1 (scales on every head) is
 timed too. Variants are interleaved, the median of ``--repeats`` is reported.
 
-    python bench/train_step.py [--model DIR] [--pairs 8] [--repeats 10] [--out bench/results/train_step.json]
+    python -m bench.train_step [--model DIR] [--pairs 8] [--repeats 10] [--out bench/results/train_step.json]
 """
 
 from __future__ import annotations

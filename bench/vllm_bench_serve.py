@@ -1,7 +1,7 @@
 """vLLM's own benchmark client against ``lofit-serve`` and against stock ``vllm serve``, interleaved in one run.
 
 Both servers serve the same checkpoint with the same engine flags; ``lofit-serve`` holds 64 random adapters
-(8 heads each, the shipped adapter's size). Each round runs ``vllm bench serve`` (``bench/vllm_cli.py``) three
+(8 heads each, the shipped adapter's size). Each round runs ``vllm bench serve`` (``python -m bench.vllm_cli``) three
 times, one variant after the other so that the machine's drift hits all of them alike:
 
 * ``stock``: stock ``vllm serve``, no adapter;
@@ -13,7 +13,7 @@ The first round warms up and is dropped; the table gives the median of the other
 server is judged by: output throughput ≥ 0.97 of stock and TTFT p50 ≤ 1.05 of stock. Only one server is under
 load at a time.
 
-    python bench/vllm_bench_serve.py [--model DIR] [--prompts 64] [--concurrency 64] [--input-len 128]
+    python -m bench.vllm_bench_serve [--model DIR] [--prompts 64] [--concurrency 64] [--input-len 128]
                                      [--output-len 64] [--rounds 4] [--dtype bfloat16]
                                      [--out bench/results/vllm_bench_serve.json]
 """
@@ -29,8 +29,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import machine_info, make_adapters, md_table
-
+from bench.common import machine_info, make_adapters, md_table
 from lofit.default_model import default_model_dir
 from server.launch import ServerProcess, free_port, lofit_serve_argv, stock_vllm_serve
 
@@ -42,8 +41,9 @@ METRICS = ("output_throughput", "median_ttft_ms", "median_tpot_ms", "median_itl_
 def bench_serve(url: str, model: str, adapters: list[str], args: argparse.Namespace, seed: int,
                 out: Path) -> dict:
     """One ``vllm bench serve`` run; its saved result."""
-    command = [sys.executable, str(REPO / "bench" / "vllm_cli.py"), "bench", "serve", "--backend", "openai",
-               "--base-url", url, "--endpoint", "/v1/completions", "--model", model, "--tokenizer", str(args.model),
+    command = [sys.executable, "-m", "bench.vllm_cli", "bench", "serve", "--backend", "openai",
+               "--base-url", url, "--endpoint", "/v1/completions", "--model", model, "--tokenizer",
+               str(args.model.resolve()),
                "--dataset-name", "random", "--random-input-len", str(args.input_len), "--random-output-len",
                str(args.output_len), "--num-prompts", str(args.prompts), "--max-concurrency", str(args.concurrency),
                "--ignore-eos", "--seed", str(seed), "--save-result", "--result-dir", str(out.parent),
@@ -51,7 +51,7 @@ def bench_serve(url: str, model: str, adapters: list[str], args: argparse.Namesp
     if adapters:
         command += ["--lora-modules", *adapters, "--lora-assignment", "round-robin"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OPENAI_API_KEY": "bench-key"}
-    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=3600)
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=3600, cwd=REPO)
     if proc.returncode != 0:
         raise RuntimeError(f"vllm bench serve failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
     result = json.loads(out.read_text())

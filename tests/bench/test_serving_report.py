@@ -1,19 +1,17 @@
-"""``bench/run_all.py``'s verdicts and report, from the results of the committed full run and hand-made cases."""
+"""The serving benchmark's verdicts and report (``bench/serving/goals.py``, ``bench/serving/report.py``), from the
+results of the committed full run and hand-made cases."""
 
 from __future__ import annotations
 
 import copy
 import json
-import os
-import sys
 from pathlib import Path
-from unittest import mock
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))  # the script imports its sibling common.py
-with mock.patch.dict(os.environ):  # run_all sets vLLM's process start method at import: keep it out of other tests
-    from run_all import goals, parse_args, report
+from bench.serving.config import parse_args
+from bench.serving.goals import goals
+from bench.serving.report import report
 
 RUN = Path(__file__).resolve().parents[2] / "docs" / "benchmarks" / "2026-11-27-cpu"
 
@@ -25,7 +23,7 @@ def results() -> dict:
 
 @pytest.fixture(scope="module")
 def cfg():
-    return parse_args(["--out", "/nonexistent", "--verbose"])  # --verbose: no env change
+    return parse_args(["--out", "/nonexistent", "--verbose"])
 
 
 def verdicts(rows: list[list]) -> dict[str, tuple[str, str]]:
