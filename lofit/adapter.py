@@ -144,9 +144,12 @@ class LofitAdapter:
 
     @property
     def num_heads(self) -> int:
+        """K, the number of selected heads (rows of ``heads``)."""
         return int(self.heads.shape[0])
 
     def tensors(self) -> dict[str, torch.Tensor]:
+        """What ``adapter.safetensors`` holds: ``heads`` int64 ``[K, 2]`` (layer, head), ``offsets`` float32
+        ``[K, head_dim]`` and, for a stage-1 record, ``scales``; contiguous copies ready to save or hash."""
         out = {"heads": self.heads.contiguous(), "offsets": self.offsets.contiguous()}
         if self.scales is not None:
             out["scales"] = self.scales.contiguous()
@@ -154,9 +157,11 @@ class LofitAdapter:
 
     @property
     def content_sha256(self) -> str:
+        """The adapter's content hash (hex sha256 of its tensors, :func:`content_sha256`): the served identity."""
         return content_sha256(self.tensors())
 
     def head_list(self) -> list[tuple[int, int]]:
+        """The selected heads as ``(layer, head)`` pairs, in stored order."""
         return [(int(layer), int(head)) for layer, head in self.heads.tolist()]
 
     def dense_offsets(self) -> torch.Tensor:
@@ -167,6 +172,8 @@ class LofitAdapter:
         return table
 
     def config_dict(self) -> dict[str, Any]:
+        """The ``adapter_config.json`` object (``docs/adapter-format.md``): format, name, task, base model,
+        head map, content hash and metadata."""
         config = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,

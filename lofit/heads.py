@@ -37,6 +37,7 @@ class HeadLayout:
 
     @property
     def total_heads(self) -> int:
+        """Attention heads in the model: layers × query heads per layer."""
         return self.num_layers * self.num_heads
 
     def columns(self, head: int) -> slice:
@@ -60,13 +61,16 @@ class BaseModelIdentity:
 
     @property
     def layout(self) -> HeadLayout:
+        """The head layout (layers, query heads, head_dim) recorded in this identity."""
         return HeadLayout(self.num_hidden_layers, self.num_attention_heads, self.head_dim)
 
     def to_dict(self) -> dict[str, Any]:
+        """The ``base_model`` object of ``adapter_config.json``."""
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> BaseModelIdentity:
+        """Read a ``base_model`` object; raises ``TypeError``/``ValueError`` naming a missing or mistyped field."""
         fields = cls.__dataclass_fields__
         if not isinstance(data, dict):
             raise TypeError(f"base_model must be an object, got {type(data).__name__}")

@@ -65,6 +65,7 @@ class LofitHooks:
         return (z.reshape(x.shape), *args[1:])
 
     def remove(self) -> None:
+        """Detach every hook; the model is unsteered afterwards (safe to call twice)."""
         for handle in self._handles:
             handle.remove()
         self._handles = []

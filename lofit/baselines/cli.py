@@ -14,6 +14,7 @@ from lofit.train.config import ConfigError
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """``lofit-baseline``'s argument parser (one sub-command per method)."""
     p = argparse.ArgumentParser(
         prog="lofit-baseline",
         description="Build a baseline adapter in the LoFiT adapter format, servable and evaluable like a "
@@ -56,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run ``lofit-baseline``; returns the exit status (2 with a one-line error for bad settings or data)."""
     args = build_parser().parse_args(argv)
     try:
         missing = [f"--{name}" for name in ("model", "out") if getattr(args, name) is None]

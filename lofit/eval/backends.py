@@ -127,6 +127,7 @@ class TransformersBackend:
         self.as_is = ModelBackend(self.model, self.tokenizer, progress=True)
 
     def load(self, path: str | Path) -> str:
+        """Load the adapter at ``path`` (checked against this base model); returns its name."""
         adapter = load_adapter(path, expect_base=self.base)
         self.adapters[adapter.name] = adapter
         return adapter.name
@@ -138,10 +139,12 @@ class TransformersBackend:
 
     def batch_continuation_logprobs(self, items: Sequence[tuple[str, Sequence[str]]],
                                     adapter: str | None) -> list[list[float]]:
+        """Summed continuation log-probs (nats) with ``adapter`` applied by forward pre-hooks."""
         with self._steer(adapter):
             return self.as_is.batch_continuation_logprobs(items, None)
 
     def greedy(self, prompts: Sequence[str], max_new_tokens: int, adapter: str | None) -> list[str]:
+        """Greedy completions with ``adapter`` applied by forward pre-hooks."""
         with self._steer(adapter):
             return self.as_is.greedy(prompts, max_new_tokens, None)
 
@@ -157,6 +160,7 @@ class VllmBackend:
         self.tokenizer = self.llm.llm.get_tokenizer()
 
     def load(self, path: str | Path) -> str:
+        """Load the adapter at ``path`` into every worker of the engine; returns its name."""
         return self.llm.load(path)["name"]
 
     def batch_continuation_logprobs(self, items: Sequence[tuple[str, Sequence[str]]],
@@ -184,6 +188,7 @@ class VllmBackend:
         return out
 
     def greedy(self, prompts: Sequence[str], max_new_tokens: int, adapter: str | None) -> list[str]:
+        """Greedy completions of all prompts in one engine call, each with ``adapter``."""
         from vllm import SamplingParams
 
         params = SamplingParams(max_tokens=max_new_tokens, temperature=0.0)

@@ -33,6 +33,7 @@ def adapter_fold(adapter: LofitAdapter) -> int | None:
 
 
 def make_backend(args: argparse.Namespace):
+    """The backend ``--backend`` names (``auto``: transformers for log-likelihood tasks, else vLLM)."""
     from lofit.eval.backends import TransformersBackend, VllmBackend
 
     if args.backend == "auto":
@@ -71,6 +72,7 @@ def markdown(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Run ``lofit-eval``; exits 2 with a one-line error for bad settings or data, writing nothing."""
     parser = argparse.ArgumentParser(prog="lofit-eval", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, required=True)

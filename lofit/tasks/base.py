@@ -64,6 +64,7 @@ def file_identity(path: Path, rows: int) -> dict[str, Any]:
 
 
 def require_file(path: Path, hint: str = "") -> Path:
+    """``path`` if it is a file, else :class:`TaskError` naming it (plus ``hint``, e.g. where to get the data)."""
     if not path.is_file():
         raise TaskError(f"data file {path} not found" + (f"; {hint}" if hint else ""))
     return path

@@ -52,6 +52,7 @@ def read_items(path: Path) -> list[dict[str, Any]]:
 
 
 def to_example(item: dict[str, Any], where: str) -> SFTExample:
+    """One item as an SFT example; raises :class:`TaskError` naming ``where`` for a malformed item."""
     try:
         return SFTExample(prompt_of(item), item["target_text"])
     except (KeyError, ValueError, AttributeError) as exc:

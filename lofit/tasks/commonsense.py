@@ -108,9 +108,11 @@ class MultipleChoiceItem:
 
     @property
     def prompt(self) -> str:
+        """The instruction inside :data:`PROMPT` (the training prompt)."""
         return PROMPT.format(instruction=self.instruction)
 
     def responses(self) -> list[str]:
+        """One :data:`RESPONSE` per candidate label, in label order."""
         return [RESPONSE.format(label=label) for label in self.labels]
 
 

@@ -45,10 +45,14 @@ def _load(name: str, loss: str, data: str | Path | None, val_data: str | Path | 
 
 
 def load_sft_jsonl(data: str | Path | None, val_data: str | Path | None = None) -> TaskData:
+    """SFT examples from JSON lines with non-empty string ``prompt`` and ``completion`` (``val_data`` optional);
+    raises :class:`TaskError` naming the file and line of a bad row."""
     return _load("sft-jsonl", "sft", data, val_data, ("prompt", "completion"),
                  lambda r: SFTExample(r["prompt"], r["completion"]))
 
 
 def load_dpo_jsonl(data: str | Path | None, val_data: str | Path | None = None) -> TaskData:
+    """DPO pairs from JSON lines with string ``prompt`` and non-empty ``chosen`` and ``rejected``
+    (``val_data`` optional); raises :class:`TaskError` naming the file and line of a bad row."""
     return _load("dpo-jsonl", "dpo", data, val_data, ("prompt", "chosen", "rejected"),
                  lambda r: PreferencePair(r["prompt"], r["chosen"], r["rejected"]))

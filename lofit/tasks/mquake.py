@@ -47,6 +47,7 @@ def prompt_of(case: dict[str, Any]) -> str:
 
 
 def to_example(case: dict[str, Any], where: str) -> SFTExample:
+    """One case as an SFT example; raises :class:`TaskError` naming ``where`` for a malformed case."""
     try:
         return SFTExample(prompt_of(case), case["new_answer"])
     except (KeyError, IndexError, TypeError) as exc:

@@ -76,6 +76,7 @@ def read_items(path: Path) -> list[TruthfulQAItem]:
 
 
 def to_pair(item: TruthfulQAItem) -> PreferencePair:
+    """The DPO pair of one question: best answer over the first incorrect one (``lofit-method.md`` §8.1)."""
     return PreferencePair(f"Q: {item.question} A:", item.best_answer, item.incorrect_answers[0])
 
 

@@ -14,6 +14,7 @@ from lofit.train.config import ConfigError, TrainConfig
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """``lofit-train``'s argument parser."""
     p = argparse.ArgumentParser(
         prog="lofit-train",
         description="Train a LoFiT adapter: stage 1 learns L1-regularised scales on every attention head and "
@@ -70,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The config file's settings (``--config``) overridden by the flags given; raises :class:`ConfigError`
+    when ``--model``, ``--task`` or ``--out`` is missing from both."""
     settings = TrainConfig.from_file(args.config) if args.config else {}
     names = {f.name for f in fields(TrainConfig)}
     settings.update({k: v for k, v in vars(args).items() if k in names and v is not None})
@@ -80,6 +83,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run ``lofit-train``; returns the exit status (2 with a one-line error for bad settings or data)."""
     args = build_parser().parse_args(argv)
     try:
         from lofit.train.pipeline import train_adapter

@@ -58,6 +58,7 @@ class Batch:
     index: torch.Tensor  # example indices, for looking up precomputed reference log-probs
 
     def to(self, device: str | torch.device) -> Batch:
+        """The batch with its tensors on ``device`` (``index`` stays on the host)."""
         return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.score_mask.to(device),
                      self.index)
 

@@ -24,6 +24,7 @@ class StageHistory:
     seconds: float = 0.0
 
     def as_dict(self) -> dict:
+        """The history as ``train_report.json`` records it (seconds rounded to ms)."""
         return {"steps": self.steps, "epochs": self.epochs, "seconds": round(self.seconds, 3)}
 
 

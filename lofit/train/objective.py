@@ -21,6 +21,7 @@ class Evaluation:
     preference_accuracy: float | None = None  # DPO: share with log p(chosen) > log p(rejected)
 
     def as_dict(self) -> dict[str, float]:
+        """The measured values only (DPO accuracies are absent for SFT)."""
         return {k: v for k, v in vars(self).items() if v is not None}
 
 
@@ -35,6 +36,7 @@ class Objective:
 
     def batches(self, encoded: list[tuple[Encoded, ...]], batch_size: int,
                 order: list[int] | None = None):
+        """Collated batches of ``batch_size`` examples in ``order`` (default: as given), on the device."""
         order = list(range(len(encoded))) if order is None else order
         for start in range(0, len(order), batch_size):
             yield collate(encoded, order[start:start + batch_size], self.pad_id).to(self.device)
@@ -76,6 +78,8 @@ class Objective:
 
     @torch.no_grad()
     def evaluate(self, encoded: list[tuple[Encoded, ...]], batch_size: int) -> Evaluation:
+        """Mean loss (nats per scored token for SFT, per pair for DPO) and, for DPO, the two accuracies, with
+        the model as it is now steered, in eval mode; ``nan`` loss for no examples."""
         if not encoded:
             return Evaluation(loss=math.nan)
         total, count, wins, prefs = 0.0, 0, 0, 0

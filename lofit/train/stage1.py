@@ -27,6 +27,7 @@ class HeadSelection:
     history: StageHistory
 
     def top(self, k: int) -> list[tuple[int, int]]:
+        """The ``k`` best heads as ``(layer, head)``, best first."""
         return self.ranking[:k]
 
 

@@ -68,6 +68,7 @@ class AdapterBank:
 
     @property
     def capacity(self) -> int:
+        """Rows of the offset tables, row 0 (all zeros: no adapter) included."""
         return self.tables.shape[1]
 
     # -- adapters -------------------------------------------------------------------------------------
@@ -138,12 +139,15 @@ class AdapterBank:
         return row.index, combo
 
     def release(self, combo: Combination) -> None:
+        """Drop one reference to ``combo``'s row (it stays cached, reusable, until evicted); raises
+        :class:`BankError` if no request holds it."""
         row = self._rows.get(combo)
         if row is None or row.refcount == 0:
             raise BankError(f"release of a combination that holds no row ({combo.names})")
         row.refcount -= 1
 
     def refcounts(self) -> dict[tuple[str, ...], int]:
+        """Requests holding each cached combination's row, keyed by its adapter names (for tests and stats)."""
         return {combo.names: row.refcount for combo, row in self._rows.items()}
 
     def _take_row(self) -> int:
@@ -199,10 +203,12 @@ def install_bank(bank: AdapterBank) -> None:
 
 
 def has_bank() -> bool:
+    """Whether this process (a vLLM worker) has installed an adapter bank."""
     return "bank" in _ACTIVE
 
 
 def active_bank() -> AdapterBank:
+    """This worker's adapter bank; raises ``RuntimeError`` if none is installed."""
     bank = _ACTIVE.get("bank")
     if bank is None:
         raise RuntimeError("no LoFiT adapter bank is installed in this process")
@@ -217,6 +223,8 @@ class RequestRows:
         self._held: dict[str, tuple[int, Combination | None]] = {}
 
     def row_for(self, req_id: str, extra_args: dict[str, Any] | None) -> int:
+        """The bank row of request ``req_id`` (0 without an adapter), acquired from its resolved stamp in
+        ``extra_args`` on the first call and the same row on every later step."""
         held = self._held.get(req_id)
         if held is None:
             combo = resolved_combination(extra_args)

@@ -85,10 +85,12 @@ class Combination:
 
     @property
     def names(self) -> tuple[str, ...]:
+        """The adapter names, in the combination's (sorted) order."""
         return tuple(name for name, _, _ in self.parts)
 
     @property
     def shas(self) -> tuple[str, ...]:
+        """The adapters' content hashes, in the same order as :attr:`names`."""
         return tuple(sha for _, sha, _ in self.parts)
 
     def as_list(self) -> list[list]:
@@ -111,6 +113,7 @@ class Combination:
 
     @property
     def cache_salt(self) -> str:
+        """The prefix-cache salt of a request steered by this combination: :data:`SALT_PREFIX` + fingerprint."""
         return SALT_PREFIX + self.fingerprint
 
 

@@ -75,6 +75,7 @@ class LofitModelState(DefaultModelState):
         super().remove_request(req_id)
 
     def prepare_inputs(self, input_batch: InputBatch, req_states: RequestState) -> dict[str, Any]:
+        """vLLM's model inputs, after filling the bank's per-token rows on the device from the slots' rows."""
         model_inputs = super().prepare_inputs(input_batch, req_states)
         fill_token_rows_v2(self.bank.token_rows, self.slot_rows, input_batch.idx_mapping,
                            input_batch.query_start_loc, input_batch.num_reqs, input_batch.num_tokens,

@@ -21,19 +21,22 @@ class LofitRequestValidator(LogitsProcessor):
 
     @classmethod
     def validate_params(cls, sampling_params: SamplingParams) -> None:
+        """Raise ``ValueError`` (vLLM answers 400) for malformed LoFiT keys in ``extra_args``."""
         try:
             requested_weights(sampling_params.extra_args)
         except CombinationError as exc:
             raise ValueError(f"invalid LoFiT adapter request: {exc}") from exc
 
     def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool) -> None:
-        pass
+        """Nothing to hold: the processor only validates."""
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        """The logits, unchanged."""
         return logits
 
     def is_argmax_invariant(self) -> bool:
+        """True: it never changes a token choice."""
         return True
 
     def update_state(self, batch_update: BatchUpdate | None) -> None:
-        pass
+        """No state to update."""
