@@ -1,15 +1,18 @@
 """Head layout and identity of a base model.
 
-LoFiT acts on the input of each attention layer's ``o_proj``: the concatenated per-head attention
-outputs, where query head ``h`` occupies columns ``[h * head_dim, (h + 1) * head_dim)``. This module
-describes that layout for a Hugging Face causal LM and computes a fingerprint of the base weights, so
-an adapter can say exactly which model it was trained on.
+LoFiT acts on the input of each decoder attention layer's output projection (``o_proj``; ``out_proj`` /
+``dense`` / ``wo`` in some families): the concatenated per-head attention outputs, where query head ``h``
+occupies columns ``[h * head_dim, (h + 1) * head_dim)`` (``head_dim`` is the value head size: MLA's
+``v_head_dim``). This module describes that layout for a Hugging Face causal LM (a multimodal checkpoint's
+text decoder: its ``text_config``), finds the projections (never a vision or audio tower's), and computes a
+fingerprint of the base weights, so an adapter can say exactly which model it was trained on.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -17,10 +20,19 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-# Architectures whose attention feeds ``o_proj`` with the heads laid out contiguously.
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+# Decoder families checked token for token against the vLLM plugin (tests/vllm/test_engine_architectures.py).
+# Other decoders whose attention feeds a contiguous-heads output projection are steered the same way.
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+                           "Qwen3MoeForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Phi3ForCausalLM",
+                           "GraniteForCausalLM")
 
-O_PROJ_KEY = "model.layers.{layer}.self_attn.o_proj.weight"
+# where a decoder layer keeps its attention block, and what the block calls its output projection
+ATTENTION_NAMES = ("self_attn", "attn", "attention")
+PROJECTION_NAMES = ("o_proj", "out_proj", "dense", "wo")
+# module-path words of the non-text towers of multimodal checkpoints, whose attention is never steered
+TOWER_WORDS = ("vision", "visual", "audio", "image", "encoder", "siglip", "mm_projector")
+_PROJECTION_KEY = re.compile(rf"^(?P<prefix>(?:.*\.)?)layers\.(?P<layer>\d+)\.(?P<block>{'|'.join(ATTENTION_NAMES)})"
+                             rf"\.(?P<proj>{'|'.join(PROJECTION_NAMES)})\.weight$")
 
 
 class UnsupportedModelError(ValueError):
@@ -119,8 +131,19 @@ def choose_k(total_heads: int, heads: int | None, heads_percent: float | None) -
     return max(1, k)
 
 
+def text_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The text decoder's config: a multimodal checkpoint's ``text_config`` (keeping the top-level
+    ``architectures``), else ``config`` itself."""
+    inner = config.get("text_config")
+    if isinstance(inner, dict) and "num_hidden_layers" in inner and "num_hidden_layers" not in config:
+        return {**inner, "architectures": config.get("architectures") or inner.get("architectures")}
+    return config
+
+
 def _head_dim(config: dict[str, Any]) -> int:
-    head_dim = config.get("head_dim")
+    """The width of one head at the output projection's input: MLA's ``v_head_dim``, else ``head_dim``, else
+    ``hidden_size / num_attention_heads``."""
+    head_dim = config.get("v_head_dim") or config.get("head_dim")
     return int(head_dim) if head_dim else config["hidden_size"] // config["num_attention_heads"]
 
 
@@ -131,11 +154,12 @@ def _architecture(config: dict[str, Any]) -> str:
 
 def layout_from_config(config: dict[str, Any] | Any) -> HeadLayout:
     """Head layout from a config dict or a ``transformers.PretrainedConfig``."""
-    cfg = config if isinstance(config, dict) else config.to_dict()
+    cfg = text_config(config if isinstance(config, dict) else config.to_dict())
     return HeadLayout(cfg["num_hidden_layers"], cfg["num_attention_heads"], _head_dim(cfg))
 
 
 def _identity_fields(config: dict[str, Any]) -> dict[str, Any]:
+    config = text_config(config)
     missing = [k for k in ("num_hidden_layers", "num_attention_heads", "hidden_size", "vocab_size") if k not in config]
     if missing:
         raise UnsupportedModelError(
@@ -174,36 +198,82 @@ def _checkpoint_tensor_files(model_dir: Path) -> dict[str, Path]:
         return {name: single for name in handle.keys()}  # noqa: SIM118 - safe_open has no __iter__
 
 
+def projection_keys(names: list[str], num_layers: int) -> list[str]:
+    """The checkpoint tensor names of the text decoder's attention output projections, layer by layer.
+
+    ``names`` are a checkpoint's tensor names. The projections are ``<prefix>layers.<i>.<block>.<proj>.weight``
+    (``block`` in :data:`ATTENTION_NAMES`, ``proj`` in :data:`PROJECTION_NAMES`) for the one prefix that has
+    all ``num_layers`` layers and names no vision/audio tower (:data:`TOWER_WORDS`). Raises
+    :class:`UnsupportedModelError` naming the first missing tensor, or when no prefix (or several) qualify.
+    """
+    groups: dict[tuple[str, str, str], dict[int, str]] = {}
+    for name in names:
+        match = _PROJECTION_KEY.match(name)
+        if match and not any(word in match["prefix"].lower() for word in TOWER_WORDS):
+            groups.setdefault((match["prefix"], match["block"], match["proj"]), {})[int(match["layer"])] = name
+    complete = [group for group in groups.values() if set(range(num_layers)) <= set(group)]
+    if len(complete) == 1:
+        return [complete[0][layer] for layer in range(num_layers)]
+    if not complete and groups:
+        (prefix, block, proj), group = max(groups.items(), key=lambda item: len(item[1]))
+        first = min(set(range(num_layers)) - set(group))
+        raise UnsupportedModelError(f"tensor {prefix}layers.{first}.{block}.{proj}.weight not found; LoFiT needs "
+                                    f"an attention output projection (o_proj) in each of the {num_layers} decoder "
+                                    "layers")
+    found = "none" if not groups else ", ".join(sorted(f"{p}layers.N.{b}.{o}" for p, b, o in groups))
+    raise UnsupportedModelError(f"cannot tell the decoder's attention output projections (o_proj) among the "
+                                f"checkpoint's tensors (found: {found}); LoFiT supports decoders like "
+                                f"{', '.join(SUPPORTED_ARCHITECTURES)}")
+
+
 def identity_from_checkpoint(model_dir: str | Path, name: str | None = None) -> BaseModelIdentity:
-    """Identity of a Hugging Face checkpoint directory, read from its files (no model is built)."""
+    """Identity of a Hugging Face checkpoint directory, read from its files (no model is built).
+
+    Raises :class:`UnsupportedModelError` when the config lacks the layout fields, or the checkpoint has no
+    safetensors or no output projection per decoder layer (:func:`projection_keys`)."""
     model_dir = Path(model_dir)
     config = json.loads((model_dir / "config.json").read_text())
     fields = _identity_fields(config)
     files = _checkpoint_tensor_files(model_dir)
     weights = []
-    for layer in range(fields["num_hidden_layers"]):
-        key = O_PROJ_KEY.format(layer=layer)
-        if key not in files:
-            raise UnsupportedModelError(
-                f"{model_dir}: tensor {key} not found; LoFiT needs a Llama-style self_attn.o_proj "
-                f"({', '.join(SUPPORTED_ARCHITECTURES)})")
+    for key in projection_keys(list(files), fields["num_hidden_layers"]):
         with safe_open(files[key], framework="pt") as handle:
             weights.append(handle.get_tensor(key))
     return BaseModelIdentity(name_or_path=name or str(model_dir), fingerprint=_fingerprint(fields, weights),
                              **fields)
 
 
-def o_proj_modules(model: torch.nn.Module) -> list[torch.nn.Linear]:
-    """The ``o_proj`` of every decoder layer of a HF causal LM, in layer order."""
-    decoder = getattr(model, "model", model)
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The text decoder's layers of a HF causal LM (a multimodal model's language model, never a tower).
+
+    Raises :class:`UnsupportedModelError` when there are none."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", model)
     layers = getattr(decoder, "layers", None)
-    if layers is None:
-        raise UnsupportedModelError(f"{type(model).__name__} has no .model.layers; LoFiT supports Llama-style "
-                                    f"models ({', '.join(SUPPORTED_ARCHITECTURES)})")
-    try:
-        return [layer.self_attn.o_proj for layer in layers]
-    except AttributeError as exc:
-        raise UnsupportedModelError(f"{type(model).__name__}: decoder layers lack self_attn.o_proj") from exc
+    if not isinstance(layers, torch.nn.ModuleList):
+        raise UnsupportedModelError(f"{type(model).__name__} has no decoder layers (.layers); LoFiT supports "
+                                    f"decoders like {', '.join(SUPPORTED_ARCHITECTURES)}")
+    return layers
+
+
+def output_projection(layer: torch.nn.Module) -> torch.nn.Linear:
+    """A decoder layer's attention output projection (one of :data:`ATTENTION_NAMES` . :data:`PROJECTION_NAMES`).
+
+    Raises :class:`UnsupportedModelError` when the layer has none."""
+    for block_name in ATTENTION_NAMES:
+        block = getattr(layer, block_name, None)
+        for proj_name in PROJECTION_NAMES if block is not None else ():
+            proj = getattr(block, proj_name, None)
+            if isinstance(proj, torch.nn.Linear):
+                return proj
+    raise UnsupportedModelError(f"{type(layer).__name__} has no attention output projection (self_attn.o_proj or "
+                                "a known equivalent)")
+
+
+def o_proj_modules(model: torch.nn.Module) -> list[torch.nn.Linear]:
+    """The attention output projection of every text decoder layer of a HF causal LM, in layer order.
+
+    Raises :class:`UnsupportedModelError` for a model without decoder layers or projections."""
+    return [output_projection(layer) for layer in decoder_layers(model)]
 
 
 def identity_from_model(model: torch.nn.Module, name: str) -> BaseModelIdentity:

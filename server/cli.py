@@ -35,16 +35,18 @@ def env_name(flag: str) -> str:
 
 
 def check_architecture(parser: argparse.ArgumentParser, model: Path) -> None:
-    """Refuse, before any engine starts, a checkpoint the LoFiT plugin has no wrapper for."""
-    from lofit.vllm.architectures import BASE_ARCHITECTURES, WRAPPERS
+    """Refuse, before any engine starts, a checkpoint of an architecture vLLM does not serve natively."""
+    from lofit.vllm.architectures import wrapper_for
 
     try:
         architectures = json.loads((model / "config.json").read_text()).get("architectures") or []
     except (OSError, ValueError, AttributeError) as exc:
         parser.exit(2, f"lofit-serve: cannot read {model / 'config.json'}: {exc}\n")
-    if not any(a in BASE_ARCHITECTURES or a in WRAPPERS for a in architectures):
-        parser.exit(2, f"lofit-serve: {model} is a {', '.join(architectures) or 'model of unknown architecture'}; "
-                       f"LoFiT's vLLM plugin serves {', '.join(sorted(BASE_ARCHITECTURES))}\n")
+    try:
+        wrapper_for(architectures[0] if architectures else "?")
+    except ValueError as exc:
+        parser.exit(2, f"lofit-serve: {model} is a {', '.join(architectures) or 'model of unknown architecture'}: "
+                       f"{exc}\n")
 
 
 def parse(argv: list[str] | None = None) -> Settings:

@@ -1,9 +1,10 @@
 """Which decoder families the plugin serves, and the vLLM engine arguments that serve a checkpoint with LoFiT.
 
-A leaf module (vLLM is imported only inside :func:`cpu_engine_defaults`): the entry point
-(:mod:`lofit.vllm.plugin`), the engine core's start-up check (:mod:`lofit.vllm.selftest`),
-:class:`~lofit.vllm.offline.LofitLLM` and ``lofit-serve`` all read the table here.
-Select a wrapper for an ordinary checkpoint with ``hf_overrides={"architectures": ["LofitLlamaForCausalLM"]}``
+A leaf module (vLLM is imported only inside :func:`native_architectures` and :func:`cpu_engine_defaults`):
+the entry point (:mod:`lofit.vllm.plugin`), the engine core's start-up check (:mod:`lofit.vllm.selftest`),
+:class:`~lofit.vllm.offline.LofitLLM` and ``lofit-serve`` all read the names here.
+Select the wrapper for an ordinary checkpoint with ``hf_overrides={"architectures": ["Lofit<Arch>"]}``, e.g.
+``LofitLlamaForCausalLM``
 (``--hf-overrides`` on the command line); :func:`lofit_engine_args` does that for a local checkpoint.
 """
 
@@ -14,40 +15,47 @@ import os
 from pathlib import Path
 from typing import Any
 
-# new architecture name -> the wrapper, as "module:Class" so vLLM imports it lazily in each worker
-WRAPPERS = {
-    "LofitLlamaForCausalLM": "lofit.vllm.models:LofitLlamaForCausalLM",
-    "LofitMistralForCausalLM": "lofit.vllm.models:LofitMistralForCausalLM",
-    "LofitQwen2ForCausalLM": "lofit.vllm.models:LofitQwen2ForCausalLM",
-}
+from lofit.heads import SUPPORTED_ARCHITECTURES
 
-# the stock architecture each wrapper serves
-BASE_ARCHITECTURES = {
-    "LlamaForCausalLM": "LofitLlamaForCausalLM",
-    "MistralForCausalLM": "LofitMistralForCausalLM",
-    "Qwen2ForCausalLM": "LofitQwen2ForCausalLM",
-}
+# ``Lofit<Arch>`` serves a checkpoint of vLLM's native architecture ``<Arch>`` with LoFiT steering; the plugin
+# registers one per native text-generation architecture, as "lofit.vllm.models:Lofit<Arch>" so that vLLM
+# imports (and lofit.vllm.models makes) it lazily in each worker.
+WRAPPER_PREFIX = "Lofit"
+WRAPPER_MODULE = "lofit.vllm.models"
 
 # the front-end check of the request keys (lofit.vllm.validator), as vLLM's logits_processors take it
 VALIDATOR = "lofit.vllm.validator:LofitRequestValidator"
 
 
-def wrapper_for(architecture: str) -> str:
-    """The LoFiT architecture name to serve a checkpoint of ``architecture`` with.
+def base_architecture(name: str) -> str | None:
+    """``"LofitQwen3ForCausalLM"`` -> ``"Qwen3ForCausalLM"``; ``None`` for a name that is not a wrapper's."""
+    base = name[len(WRAPPER_PREFIX):] if name.startswith(WRAPPER_PREFIX) else ""
+    return base if base[:1].isupper() else None
 
-    Raises ``ValueError`` for an architecture the plugin has no wrapper for."""
-    if architecture in WRAPPERS:
-        return architecture
-    try:
-        return BASE_ARCHITECTURES[architecture]
-    except KeyError:
-        raise ValueError(f"LoFiT's vLLM plugin does not support {architecture!r}; supported: "
-                         f"{sorted(BASE_ARCHITECTURES)}") from None
+
+def native_architectures() -> set[str]:
+    """The architectures vLLM serves natively for text generation (text-only and multimodal models): the
+    ones a wrapper can be made for. Imports vLLM."""
+    from vllm.model_executor.models import registry
+
+    return set(registry._TEXT_GENERATION_MODELS) | set(registry._MULTIMODAL_MODELS)
+
+
+def wrapper_for(architecture: str) -> str:
+    """The LoFiT architecture name to serve a checkpoint of ``architecture`` with (a wrapper's own name as is).
+
+    Raises ``ValueError`` for an architecture vLLM does not serve natively. Whether the model can be steered
+    (not hybrid, heads contiguous at each output projection) is checked when the engine builds it."""
+    base = base_architecture(architecture) or architecture
+    if base not in native_architectures():
+        raise ValueError(f"LoFiT's vLLM plugin serves the architectures vLLM implements natively; {base!r} is not "
+                         f"one of them (checked: {', '.join(SUPPORTED_ARCHITECTURES)})")
+    return WRAPPER_PREFIX + base
 
 
 def is_lofit_model(architectures: list[str] | None) -> bool:
-    """Whether a model config's ``architectures`` name one of the LoFiT wrappers."""
-    return any(arch in WRAPPERS for arch in architectures or [])
+    """Whether a model config's ``architectures`` name a LoFiT wrapper."""
+    return any(base_architecture(arch) is not None for arch in architectures or [])
 
 
 def cpu_engine_defaults(kv_cache_gib: int | None = None, *, default_kv_cache_gib: int = 1) -> dict[str, Any]:

@@ -1,11 +1,15 @@
 """LoFiT model wrappers for vLLM: the stock model, whose attention output projections add each token's
 adapter offsets to their input.
 
-Every ``self_attn.o_proj`` of the stock model gets a subclass of its own class whose ``forward`` first adds
-the bank's offsets for that layer (a branch-free gather-add, row 0 = zeros). The module objects, names and
-parameters are vLLM's own, so checkpoints load unchanged, and the rest of the attention (rotary scaling,
-QK-norm, ...) is untouched. On a tensor-parallel rank ``o_proj`` is row-parallel, so its input holds this
-rank's heads, and so does the bank.
+``Lofit<Arch>`` is made on demand (module ``__getattr__``) for any architecture vLLM resolves natively:
+``type("Lofit<Arch>", (LofitModelMixin, <vLLM's class>), {})``. After the stock model is built, every
+decoder attention output projection (found from vLLM's KV-cache attention layers, :func:`decoder_projections`)
+gets a subclass of its own class whose ``forward`` first adds the bank's offsets for that layer (a
+branch-free gather-add, row 0 = zeros). The module objects, names and parameters are vLLM's own, so
+checkpoints load unchanged, and the rest of the attention (rotary scaling, QK-norm, soft-capping, sliding
+windows, ...) is untouched. On a tensor-parallel rank the projection is row-parallel, so its input holds this
+rank's heads, and so does the bank. Models that cannot be steered this way (hybrid, recurrent,
+attention-free, or a projection whose width is not heads × value head size) are refused at start-up.
 """
 
 from __future__ import annotations
@@ -18,12 +22,10 @@ import torch
 from torch import nn
 from vllm.config import VllmConfig
 from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
-from vllm.model_executor.models.llama import LlamaForCausalLM
-from vllm.model_executor.models.mistral import MistralForCausalLM
-from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
 
 from lofit.adapter import load_adapter
-from lofit.heads import identity_from_checkpoint
+from lofit.heads import PROJECTION_NAMES, SUPPORTED_ARCHITECTURES, identity_from_checkpoint
+from lofit.vllm.architectures import WRAPPER_PREFIX, base_architecture
 from lofit.vllm.bank import AdapterBank, active_bank, install_bank
 
 _LAYER = re.compile(r"layers\.(\d+)\.")
@@ -84,28 +86,98 @@ def _steered_class(cls: type) -> type:
     return _STEERED_CLASSES[cls]
 
 
-def steer_o_proj(model: nn.Module) -> int:
-    """Make every attention ``o_proj`` of ``model`` add its layer's offsets; returns how many were found."""
-    found = 0
-    for name, module in model.named_modules():
-        if name.endswith("self_attn.o_proj"):
-            module.lofit_layer = layer_index(name)
-            module.__class__ = _steered_class(type(module))
-            found += 1
-    if not found:
-        raise ValueError(f"no self_attn.o_proj modules found in {type(model).__name__}")
+def _value_head_size(attn: nn.Module) -> int:
+    """The width of one head of the attention's output: ``head_size_v`` (``Attention``) or ``v_head_dim`` (MLA)."""
+    return int(getattr(attn, "head_size_v", None) or attn.v_head_dim)
+
+
+def decoder_projections(model: nn.Module) -> dict[int, tuple[str, nn.Module]]:
+    """``{layer: (name, output projection)}`` of every decoder self-attention of a vLLM model.
+
+    The projections are found from the KV-cache attention layers (vLLM's ``Attention`` / ``MLAAttention`` of
+    type decoder), so a vision or audio tower (which uses other attention classes) is never included and the
+    naming of the block (``self_attn``/``attn``) does not matter: the nearest enclosing module with an
+    ``o_proj``/``out_proj``/``dense``/``wo`` linear layer holds it. Each projection's input width (this rank's
+    part) must equal the attention's local heads × value head size. Raises ``ValueError`` (start-up refusal)
+    when a width differs or a layer has two projections.
+    """
+    from vllm.model_executor.layers.attention.attention import Attention
+    from vllm.model_executor.layers.attention.mla_attention import MLAAttention
+    from vllm.model_executor.layers.linear import LinearBase
+    from vllm.v1.attention.backend import AttentionType
+
+    modules = dict(model.named_modules())
+    found: dict[int, tuple[str, nn.Module]] = {}
+    for name, attn in modules.items():
+        if not isinstance(attn, Attention | MLAAttention):
+            continue
+        if getattr(attn, "attn_type", AttentionType.DECODER) != AttentionType.DECODER:
+            continue
+        parts = name.split(".")[:-1]
+        proj_name, proj = None, None
+        while parts and proj is None:
+            owner = ".".join(parts)
+            for attr in PROJECTION_NAMES:
+                candidate = getattr(modules[owner], attr, None)
+                if isinstance(candidate, LinearBase):
+                    proj_name, proj = f"{owner}.{attr}", candidate
+                    break
+            parts.pop()
+        if proj is None:
+            raise ValueError(f"LoFiT cannot steer {type(model).__name__}: no output projection "
+                             f"({'/'.join(PROJECTION_NAMES)}) encloses the attention {name}")
+        width = attn.num_heads * _value_head_size(attn)
+        if proj.input_size_per_partition != width:
+            raise ValueError(f"LoFiT cannot steer {type(model).__name__}: {proj_name} takes "
+                             f"{proj.input_size_per_partition} inputs on this rank, but its attention has "
+                             f"{attn.num_heads} heads x {_value_head_size(attn)} = {width}; the heads are not laid "
+                             "out contiguously at its input")
+        layer = layer_index(proj_name)
+        if layer in found and found[layer][1] is not proj:
+            raise ValueError(f"LoFiT cannot steer {type(model).__name__}: layer {layer} has two attention output "
+                             f"projections ({found[layer][0]}, {proj_name})")
+        found[layer] = (proj_name, proj)
     return found
 
 
+def steer_o_proj(model: nn.Module, num_layers: int, heads_per_rank: int) -> int:
+    """Make every decoder attention output projection of ``model`` add its layer's offsets; returns how many.
+
+    Raises ``ValueError`` when the projections do not cover layers ``0..num_layers-1`` exactly, or a layer's
+    attention does not hold ``heads_per_rank`` query heads (the adapter's layout on this rank)."""
+    found = decoder_projections(model)
+    if sorted(found) != list(range(num_layers)):
+        raise ValueError(f"LoFiT cannot steer {type(model).__name__}: attention output projections found in layers "
+                         f"{sorted(found)}, but the model has {num_layers} decoder layers (hybrid or partly "
+                         f"attention-free models are not supported; {SUPPORTED})")
+    for layer, (name, proj) in found.items():
+        width = proj.input_size_per_partition
+        if width % heads_per_rank:
+            raise ValueError(f"LoFiT cannot steer {name}: {width} inputs do not split into {heads_per_rank} heads")
+        proj.lofit_layer = layer
+        proj.__class__ = _steered_class(type(proj))
+    return len(found)
+
+
+SUPPORTED = f"served and checked: {', '.join(SUPPORTED_ARCHITECTURES)}"
+
+
 class LofitModelMixin:
-    """Builds this worker's bank before the stock model, then steers its ``o_proj`` layers."""
+    """Builds this worker's bank before the stock model, then steers its decoder attention output projections."""
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        from vllm.model_executor.models.interfaces import has_inner_state, is_attention_free, is_hybrid
+
+        base = next(c for c in type(self).__mro__[1:] if c is not LofitModelMixin and issubclass(c, nn.Module))
+        if is_hybrid(base) or is_attention_free(base) or has_inner_state(base):
+            raise ValueError(f"LoFiT steers attention heads at every layer; {base.__name__} is a hybrid, recurrent "
+                             f"or attention-free model and is not supported ({SUPPORTED})")
         bank = build_bank(vllm_config)
         preload_adapters(bank, os.environ.get("LOFIT_ADAPTERS"))
         install_bank(bank)
         super().__init__(vllm_config=vllm_config, prefix=prefix)
-        steer_o_proj(self)
+        layout = bank.base.layout
+        steer_o_proj(self, layout.num_layers, layout.num_heads // get_tensor_model_parallel_world_size())
 
     @staticmethod
     def get_model_state_cls() -> type:
@@ -115,13 +187,26 @@ class LofitModelMixin:
         return LofitModelState
 
 
-class LofitLlamaForCausalLM(LofitModelMixin, LlamaForCausalLM):
-    """``LlamaForCausalLM`` (Llama 2/3, SmolLM2, ...) with LoFiT steering."""
+def wrapper_class(base: type) -> type:
+    """``Lofit<Base>``: vLLM's model class ``base`` with LoFiT steering (made once per class)."""
+    name = WRAPPER_PREFIX + base.__name__
+    cls = globals().get(name)
+    if not (isinstance(cls, type) and issubclass(cls, base)):
+        cls = type(name, (LofitModelMixin, base),
+                   {"__module__": __name__, "__doc__": f"``{base.__name__}`` with LoFiT steering."})
+        globals()[name] = cls
+    return cls
 
 
-class LofitMistralForCausalLM(LofitModelMixin, MistralForCausalLM):
-    """``MistralForCausalLM`` with LoFiT steering."""
+def __getattr__(name: str) -> type:
+    """``Lofit<Arch>`` on demand, for every architecture vLLM resolves natively (how vLLM imports the wrapper
+    it was registered with: ``lofit.vllm.models:Lofit<Arch>``)."""
+    base_arch = base_architecture(name)
+    if base_arch is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from vllm import ModelRegistry
 
-
-class LofitQwen2ForCausalLM(LofitModelMixin, Qwen2ForCausalLM):
-    """``Qwen2ForCausalLM`` (Qwen2, Qwen2.5) with LoFiT steering."""
+    registered = ModelRegistry.models.get(base_arch)
+    if registered is None:
+        raise AttributeError(f"vLLM has no architecture {base_arch!r} to make {name} from")
+    return wrapper_class(registered.load_model_cls())

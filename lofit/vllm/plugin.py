@@ -8,17 +8,19 @@ from __future__ import annotations
 
 
 def register() -> None:
-    """Install the runner hook, the worker RPCs and the engine-core patches, and register every wrapper of
-    :data:`lofit.vllm.architectures.WRAPPERS` with vLLM's ``ModelRegistry``."""
+    """Install the runner hook, the worker RPCs and the engine-core patches, and register ``Lofit<Arch>`` with
+    vLLM's ``ModelRegistry`` for every native text-generation architecture (lazily imported from
+    :mod:`lofit.vllm.models`, which makes the class on demand)."""
     from vllm import ModelRegistry
 
     from lofit.vllm import engine_core, runner_v1, worker
-    from lofit.vllm.architectures import WRAPPERS
+    from lofit.vllm.architectures import WRAPPER_MODULE, WRAPPER_PREFIX, native_architectures
 
     runner_v1.install()
     worker.install()
     engine_core.install()
-    supported = set(ModelRegistry.get_supported_archs())
-    for name, target in WRAPPERS.items():
-        if name not in supported:
-            ModelRegistry.register_model(name, target)
+    registered = set(ModelRegistry.get_supported_archs())
+    for arch in sorted(native_architectures()):
+        name = WRAPPER_PREFIX + arch
+        if name not in registered:
+            ModelRegistry.register_model(name, f"{WRAPPER_MODULE}:{name}")

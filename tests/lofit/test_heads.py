@@ -77,3 +77,35 @@ def test_k_is_a_count_or_a_rounded_percentage_of_all_heads():
 def test_bad_head_counts_are_refused(heads, percent, message):
     with pytest.raises(ValueError, match=message):
         choose_k(270, heads, percent)
+
+
+def test_the_text_decoders_projections_are_found_by_name_never_a_towers():
+    from lofit.heads import projection_keys
+
+    text = [f"model.language_model.layers.{i}.self_attn.o_proj.weight" for i in range(2)]
+    tower = [f"model.vision_tower.vision_model.encoder.layers.{i}.self_attn.out_proj.weight" for i in range(2)]
+    other = ["model.language_model.layers.0.mlp.down_proj.weight", "lm_head.weight"]
+    assert projection_keys(tower + other + text, 2) == text
+    gpt_oss = [f"model.layers.{i}.attn.o_proj.weight" for i in range(3)]
+    assert projection_keys(gpt_oss, 3) == gpt_oss, "a block named attn instead of self_attn"
+    with pytest.raises(UnsupportedModelError, match=r"tensor model.language_model.layers.2.self_attn.o_proj.weight "
+                                                    "not found"):
+        projection_keys(text, 3)
+    with pytest.raises(UnsupportedModelError, match="cannot tell the decoder's attention output projections"):
+        projection_keys(text + [f"decoder.layers.{i}.self_attn.o_proj.weight" for i in range(2)], 2)
+    with pytest.raises(UnsupportedModelError, match=r"found: none"):
+        projection_keys(tower, 2)
+
+
+def test_a_multimodal_config_is_read_through_its_text_config():
+    from lofit.heads import text_config
+
+    config = {"architectures": ["Gemma3ForConditionalGeneration"], "vision_config": {"hidden_size": 8},
+              "text_config": {"num_hidden_layers": 4, "num_attention_heads": 8, "head_dim": 32, "hidden_size": 96,
+                              "vocab_size": 100}}
+    assert layout_from_config(config) == HeadLayout(4, 8, 32)
+    assert text_config(config)["architectures"] == ["Gemma3ForConditionalGeneration"]
+    assert text_config({"num_hidden_layers": 2}) == {"num_hidden_layers": 2}
+    mla = {"num_hidden_layers": 2, "num_attention_heads": 16, "hidden_size": 896, "qk_nope_head_dim": 128,
+           "qk_rope_head_dim": 64, "v_head_dim": 128}
+    assert layout_from_config(mla).head_dim == 128, "MLA: the value head size feeds o_proj"

@@ -115,3 +115,21 @@ def test_a_port_in_use_is_refused_before_the_engine_starts(model_dir, capsys):
         with pytest.raises(SystemExit) as exit_info:
             main(["--model", str(model_dir), "--host", "127.0.0.1", "--port", str(port)])
     assert exit_info.value.code == 2 and f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("architectures", [["BertModel"], []])
+def test_an_architecture_vllm_does_not_implement_is_refused_before_an_engine(tmp_path, capsys, architectures):
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": architectures}))
+    with pytest.raises(SystemExit) as exc:
+        parse(["--model", str(tmp_path)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "LoFiT's vLLM plugin serves the architectures vLLM implements natively" in err
+    assert "checked: LlamaForCausalLM" in err
+
+
+def test_a_qwen3_checkpoint_gets_its_wrapper(tmp_path):
+    from server.app import vllm_args
+
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["Qwen3ForCausalLM"]}))
+    assert vllm_args(parse(["--model", str(tmp_path)])).hf_overrides == {"architectures": ["LofitQwen3ForCausalLM"]}

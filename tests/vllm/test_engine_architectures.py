@@ -1,9 +1,9 @@
-"""Every supported architecture in a real vLLM engine (eager mode), and tensor parallelism.
+"""Every checked decoder family in a real vLLM engine (eager mode), and tensor parallelism.
 
-Small random Llama, Mistral and Qwen2 checkpoints (head_dim 32, the CPU attention's minimum) are served
-one after another with the LoFiT wrapper; a mixed batch (no adapter, adapter A, adapter B, A at strength
-0.5, A+B) must give, for every prompt, exactly the greedy tokens of the transformers reference path. The
-Llama one is also served with tensor-parallel size 2 (each rank holds its own heads' columns).
+A small random checkpoint of each family of :data:`lofit.heads.SUPPORTED_ARCHITECTURES` (head_dim 32, the CPU
+attention's minimum) is served with its ``Lofit<Arch>`` wrapper; a mixed batch (no adapter, adapter A, adapter
+B, A at strength 0.5, A+B) must give, for every prompt, exactly the greedy tokens of the transformers reference
+path. The Llama one is also served with tensor-parallel size 2 (each rank holds its own heads' columns).
 """
 
 from __future__ import annotations
@@ -31,25 +31,34 @@ SHAPE = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_at
              tie_word_embeddings=False)
 
 
-def tiny_checkpoint(directory: Path, architecture: str) -> Path:
-    """A random checkpoint of ``architecture`` with SmolLM2's tokenizer, saved in float32."""
-    from transformers import (
-        AutoTokenizer,
-        LlamaConfig,
-        LlamaForCausalLM,
-        MistralConfig,
-        MistralForCausalLM,
-        Qwen2Config,
-        Qwen2ForCausalLM,
-    )
+# family -> (transformers config class, model class, config settings beyond SHAPE); sliding windows are set
+# longer than any sequence here, so both paths attend the same way and only the steering can differ
+FAMILIES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": None}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {"sliding_window": None}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"sliding_window": None}),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", {"num_experts": 4, "num_experts_per_tok": 2,
+                                                           "moe_intermediate_size": 64, "sliding_window": None}),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"query_pre_attn_scalar": 32, "sliding_window": 64,
+                                                     "tie_word_embeddings": True}),  # vLLM's Gemmas are tied
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", {"query_pre_attn_scalar": 32, "sliding_window": 64,
+                                                         "tie_word_embeddings": True}),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {}),
+    "granite": ("GraniteConfig", "GraniteForCausalLM", {}),
+}
 
-    config_cls, model_cls = {"llama": (LlamaConfig, LlamaForCausalLM), "mistral": (MistralConfig, MistralForCausalLM),
-                             "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[architecture]
-    tokenizer = AutoTokenizer.from_pretrained(default_model_dir())
-    extra = {"sliding_window": None} if architecture != "llama" else {}
-    config = config_cls(vocab_size=len(tokenizer), bos_token_id=1, eos_token_id=2, **SHAPE, **extra)
-    torch.manual_seed({"llama": 1, "mistral": 2, "qwen2": 3}[architecture])
-    model = model_cls(config).to(torch.float32)
+
+def tiny_checkpoint(directory: Path, family: str) -> Path:
+    """A random checkpoint of ``family`` with SmolLM2's tokenizer, saved in float32."""
+    import transformers
+
+    config_name, model_name, extra = FAMILIES[family]
+    tokenizer = transformers.AutoTokenizer.from_pretrained(default_model_dir())
+    config = getattr(transformers, config_name)(vocab_size=len(tokenizer), bos_token_id=1, eos_token_id=2,
+                                                pad_token_id=0, **{**SHAPE, **extra})
+    torch.manual_seed(list(FAMILIES).index(family) + 1)
+    model = getattr(transformers, model_name)(config).to(torch.float32)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
@@ -114,11 +123,16 @@ def _needs_tokenizer(prepared_model_dir):
     pass  # the tiny checkpoints borrow the default model's tokenizer
 
 
-@pytest.mark.parametrize(("architecture", "wrapper"), [("llama", "LofitLlamaForCausalLM"),
-                                                       ("mistral", "LofitMistralForCausalLM"),
-                                                       ("qwen2", "LofitQwen2ForCausalLM")])
-def test_each_architecture_matches_the_reference_in_a_mixed_batch(architecture, wrapper, tmp_path):
-    model_dir = tiny_checkpoint(tmp_path / architecture, architecture)
+def test_every_checked_family_is_listed_here():
+    from lofit.heads import SUPPORTED_ARCHITECTURES
+
+    assert sorted(model for _, model, _ in FAMILIES.values()) == sorted(SUPPORTED_ARCHITECTURES)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_each_architecture_matches_the_reference_in_a_mixed_batch(family, tmp_path):
+    model_dir = tiny_checkpoint(tmp_path / family, family)
+    wrapper = "Lofit" + FAMILIES[family][1]
     adapters = {"A": random_adapter(model_dir, "A", [(0, 1), (1, 3), (2, 0)], seed=1),
                 "B": random_adapter(model_dir, "B", [(0, 1), (2, 2)], seed=2)}
     expected = reference_tokens(model_dir, adapters)

@@ -91,12 +91,18 @@ def test_wrapped_model_classes_take_vllm_config_and_prefix(module_class):
     assert {"vllm_config", "prefix"} <= set(params_of(cls.__init__))
 
 
-def test_every_wrapper_in_the_table_imports():
-    import importlib
+def test_attention_layers_the_projections_are_found_from():
+    from vllm.model_executor.layers.attention.attention import Attention
+    from vllm.model_executor.layers.attention.mla_attention import MLAAttention
+    from vllm.model_executor.layers.linear import LinearBase, RowParallelLinear
+    from vllm.model_executor.models.interfaces import has_inner_state, is_attention_free, is_hybrid
+    from vllm.v1.attention.backend import AttentionType
 
-    from lofit.vllm.architectures import BASE_ARCHITECTURES, WRAPPERS
-
-    assert set(BASE_ARCHITECTURES.values()) == set(WRAPPERS)
-    for target in WRAPPERS.values():
-        module, name = target.split(":")
-        assert isinstance(getattr(importlib.import_module(module), name), type), target
+    for name in ("num_heads", "head_size_v", "attn_type", "layer_name"):
+        assert f"self.{name} =" in inspect.getsource(Attention.__init__), name
+    for name in ("num_heads", "v_head_dim"):
+        assert f"self.{name} =" in inspect.getsource(MLAAttention.__init__), name
+    assert issubclass(RowParallelLinear, LinearBase) and "input_size_per_partition" in inspect.getsource(
+        RowParallelLinear.__init__)
+    assert AttentionType.DECODER == "decoder" and callable(is_hybrid) and callable(is_attention_free)
+    assert callable(has_inner_state)
