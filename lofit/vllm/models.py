@@ -162,6 +162,27 @@ def steer_o_proj(model: nn.Module, num_layers: int, heads_per_rank: int) -> int:
 SUPPORTED = f"served and checked: {', '.join(SUPPORTED_ARCHITECTURES)}"
 
 
+def unsupported_settings(vllm_config: VllmConfig) -> list[str]:
+    """The engine settings LoFiT cannot steer correctly under, each with its reason (empty: none).
+
+    - micro-batching (dual-batch overlap, ``ubatch_size`` > 1): each micro-batch would read the per-token rows
+      from token 0 (``../shared/docs/gpu-readiness.md`` §5);
+    - LoRA: vLLM's LoRA matches ``o_proj`` by exact class, which the steered projection no longer is, so LoRA
+      would silently skip it;
+    - sleep mode: waking from level 2 restores the weights but not the adapter bank's tables.
+    """
+    reasons = []
+    if getattr(vllm_config.parallel_config, "use_ubatching", False):
+        reasons.append("micro-batching (--enable-dbo / --ubatch-size > 1): each micro-batch would read the first "
+                       "one's adapter rows")
+    if getattr(vllm_config, "lora_config", None) is not None:
+        reasons.append("LoRA (--enable-lora): vLLM's LoRA would skip the steered o_proj; serve LoRA adapters from "
+                       "a separate engine")
+    if getattr(vllm_config.model_config, "enable_sleep_mode", False):
+        reasons.append("sleep mode (--enable-sleep-mode): waking from level 2 does not restore the adapter bank")
+    return reasons
+
+
 class LofitModelMixin:
     """Builds this worker's bank before the stock model, then steers its decoder attention output projections."""
 
@@ -172,6 +193,9 @@ class LofitModelMixin:
         if is_hybrid(base) or is_attention_free(base) or has_inner_state(base):
             raise ValueError(f"LoFiT steers attention heads at every layer; {base.__name__} is a hybrid, recurrent "
                              f"or attention-free model and is not supported ({SUPPORTED})")
+        reasons = unsupported_settings(vllm_config)
+        if reasons:
+            raise ValueError("LoFiT cannot steer correctly with " + "; ".join(reasons))
         bank = build_bank(vllm_config)
         preload_adapters(bank, os.environ.get("LOFIT_ADAPTERS"))
         install_bank(bank)

@@ -148,3 +148,12 @@ def test_tensor_parallel_ranks_steer_their_own_heads(tmp_path, monkeypatch):
     expected = reference_tokens(model_dir, adapters)
     assert engine_tokens(model_dir, "LofitLlamaForCausalLM", adapters, tmp_path, tensor_parallel_size=2,
                          distributed_executor_backend="mp") == expected
+
+
+def test_lora_in_the_same_engine_is_refused_at_start(tmp_path):
+    from vllm import LLM
+
+    model_dir = tiny_checkpoint(tmp_path / "llama", "llama")
+    with pytest.raises(Exception, match=r"LoFiT cannot steer correctly with LoRA \(--enable-lora\)"):
+        LLM(str(model_dir), hf_overrides={"architectures": ["LofitLlamaForCausalLM"]}, dtype="float32",
+            gpu_memory_utilization=0.1, max_model_len=256, max_num_seqs=8, enforce_eager=True, enable_lora=True)

@@ -37,3 +37,25 @@ def test_hybrid_and_attention_free_models_are_refused_at_start(arch):
     with pytest.raises(ValueError, match=f"{arch} is a hybrid, recurrent or attention-free model and is not "
                                          "supported .served and checked: LlamaForCausalLM"):
         models.LofitModelMixin.__init__(model, vllm_config=None)
+
+
+def test_settings_lofit_cannot_steer_under_are_refused_with_the_reason():
+    """The engine settings are read from vLLM's own config objects (their fields are checked in
+    test_vllm_surface.py); micro-batching and sleep mode cannot be switched on in vLLM's CPU build, so the
+    config is given as those objects' attributes."""
+    from types import SimpleNamespace
+
+    from lofit.vllm.models import unsupported_settings
+
+    def config(ubatching=False, lora=None, sleep=False):
+        return SimpleNamespace(parallel_config=SimpleNamespace(use_ubatching=ubatching), lora_config=lora,
+                               model_config=SimpleNamespace(enable_sleep_mode=sleep))
+
+    assert unsupported_settings(config()) == []
+    [ubatch] = unsupported_settings(config(ubatching=True))
+    assert ubatch.startswith("micro-batching (--enable-dbo / --ubatch-size > 1)")
+    [lora] = unsupported_settings(config(lora=object()))
+    assert "vLLM's LoRA would skip the steered o_proj" in lora
+    [sleep] = unsupported_settings(config(sleep=True))
+    assert "does not restore the adapter bank" in sleep
+    assert len(unsupported_settings(config(True, object(), True))) == 3

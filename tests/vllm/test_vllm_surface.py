@@ -106,3 +106,12 @@ def test_attention_layers_the_projections_are_found_from():
         RowParallelLinear.__init__)
     assert AttentionType.DECODER == "decoder" and callable(is_hybrid) and callable(is_attention_free)
     assert callable(has_inner_state)
+
+
+def test_engine_settings_the_wrappers_refuse_are_read_from_these_fields():
+    from vllm.config import ModelConfig, ParallelConfig, VllmConfig
+
+    assert ParallelConfig(enable_dbo=True).use_ubatching and ParallelConfig(ubatch_size=2).use_ubatching
+    assert not ParallelConfig().use_ubatching
+    assert "enable_sleep_mode" in ModelConfig.__dataclass_fields__
+    assert "lora_config" in VllmConfig.__dataclass_fields__
