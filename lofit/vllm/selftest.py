@@ -2,13 +2,15 @@
 
 At start-up the engine refuses to run a LoFiT model unless every worker reports its runner's hook
 installed (:func:`check_workers`), and then runs a self-test through the real scheduler and runner
-(:func:`self_test`): a strongly steered request must change the logits, and an unsteered request next to
-it must not. :mod:`lofit.vllm.engine_core` calls both.
+(:func:`self_test`): requests steered two ways and a plain one, batched together for several decode steps,
+must each match their own run next to plain requests, and the steered ones must differ from the plain one.
+:mod:`lofit.vllm.engine_core` calls both.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 import uuid
 from typing import Any
@@ -50,74 +52,109 @@ def check_workers(core: Any) -> dict[str, str] | None:
     return loaded
 
 
+STEPS = 4  # decode steps per request: the test sees decodes, not only the prefill
+TOP = 8  # log-probs compared per step
+
+
 def _top_logprobs(output: Any) -> dict[int, float]:
     lists = output.new_logprobs
     ids, values = np.asarray(lists.logprob_token_ids[0]).tolist(), np.asarray(lists.logprobs[0]).tolist()
     return dict(zip(ids, values, strict=True))
 
 
-def _run(core: Any, requests: dict[str, str | None], prompt: list[int], num_logprobs: int) -> dict[str, dict]:
-    """Run one-token greedy requests ``{id: adapter name or None}`` together; each one's top log-probs."""
+Trace = list[tuple[int, dict[int, float]]]  # per generated token: (token id, top log-probs)
+
+
+def _run(core: Any, requests: dict[str, Any], prompt: list[int]) -> dict[str, Trace]:
+    """Run greedy requests ``{id: adapter choice}`` together for :data:`STEPS` tokens each; their traces."""
     from vllm import SamplingParams
     from vllm.v1.engine import EngineCoreRequest
 
-    for req_id, adapter in requests.items():
-        params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=num_logprobs,
-                                extra_args=extra_args_for(adapter))
+    for req_id, choice in requests.items():
+        params = SamplingParams(max_tokens=STEPS, temperature=0.0, logprobs=TOP, ignore_eos=True,
+                                extra_args=extra_args_for(choice))
         request = EngineCoreRequest(request_id=req_id, prompt_token_ids=prompt, mm_features=None,
                                     sampling_params=params, pooling_params=None, arrival_time=time.time(),
                                     lora_request=None, cache_salt=f"lofit-self-test-{req_id}",
                                     data_parallel_rank=None)
         core.add_request(*core.preprocess_add_request(request))
-    found: dict[str, dict] = {}
-    for _ in range(32):
+    traces: dict[str, Trace] = {req_id: [] for req_id in requests}
+    for _ in range(32 * STEPS):
         if not core.scheduler.has_requests():
             break
         outputs, _ = core.step_fn()
         for batch in (outputs or {}).values():
             for out in batch.outputs:
-                if out.request_id in requests and out.new_logprobs is not None:
-                    found[out.request_id] = _top_logprobs(out)
-    missing = set(requests) - set(found)
-    if missing:
-        raise SelfTestError(f"LoFiT self-test requests {sorted(missing)} produced no log-probs")
-    return found
+                if out.request_id in traces and out.new_logprobs is not None and out.new_token_ids:
+                    traces[out.request_id].append((out.new_token_ids[0], _top_logprobs(out)))
+    short = sorted(req_id for req_id, trace in traces.items() if len(trace) < STEPS)
+    if short:
+        raise SelfTestError(f"LoFiT self-test requests {short} produced fewer than {STEPS} tokens with log-probs")
+    return traces
+
+
+def distance(a: Trace, b: Trace) -> float:
+    """How far two greedy traces of one request are apart: the largest difference (nats) of a top token's
+    log-prob over the steps up to and including the first step where they chose different tokens (after it,
+    the inputs differ). ``inf`` when a step shares fewer than two top tokens. Robust to reduced precision: a
+    near-tie that flips the chosen token does not by itself fail the comparison."""
+    worst = 0.0
+    for (token_a, top_a), (token_b, top_b) in zip(a, b, strict=False):
+        shared = set(top_a) & set(top_b)
+        if len(shared) < 2:
+            return float("inf")
+        worst = max(worst, max(abs(top_a[t] - top_b[t]) for t in shared))
+        if token_a != token_b:
+            break
+    return worst
 
 
 def self_test(core: Any, tolerance: float | None = None) -> dict[str, float]:
-    """Steered must move the logits; unsteered next to it must not. Raises :class:`SelfTestError`."""
+    """Steering must be applied, per request, in a mixed batch. Raises :class:`SelfTestError`.
+
+    Three requests run together for :data:`STEPS` greedy tokens: steered by a strong random adapter A, plain,
+    and steered by A at strength -1 (a second bank row); a batch of 3 is no CUDA-graph capture size, so a
+    GPU pads it. Each is compared with itself run next to two plain requests (a batch of the same shape):
+    each must match within ``tolerance`` (nats; default 1e-3 in float32, 0.1 otherwise, or
+    ``LOFIT_SELF_TEST_TOLERANCE``), or steering leaks across requests; and each steered request run that way
+    must differ from the plain one by more than ``max(10 * tolerance, 0.5)``, or steering is not applied.
+    """
     loaded = loaded_adapters(core)
     if loaded is None:
         return {}
     config = core.vllm_config.model_config
     if tolerance is None:
-        tolerance = 1e-3 if str(config.dtype) == "torch.float32" else 0.1
+        tolerance = float(os.environ.get("LOFIT_SELF_TEST_TOLERANCE") or
+                          (1e-3 if str(config.dtype) == "torch.float32" else 0.1))
     vocab = config.get_vocab_size()
     prompt = [(7 + 31 * i) % vocab for i in range(12)]
     tag = uuid.uuid4().hex[:8]
+    choices = {"steered": SELF_TEST_ADAPTER, "plain": None, "negated": {SELF_TEST_ADAPTER: -1.0}}
     # fresh content each time, so a bank row is written (not reused) and the whole path is exercised
     info = core.model_executor.collective_rpc(RPC_LOAD_SELF_TEST, args=(uuid.uuid4().int % 2**31,))[0]
     loaded[SELF_TEST_ADAPTER] = info["content_sha256"]
     try:
-        base = _run(core, {f"base-{tag}": None}, prompt, 8)[f"base-{tag}"]
-        mixed = _run(core, {f"steered-{tag}": SELF_TEST_ADAPTER, f"plain-{tag}": None}, prompt, 8)
+        mixed = _run(core, {f"{key}-{tag}": choice for key, choice in choices.items()}, prompt)
+        alone = {}
+        for key, choice in choices.items():
+            fillers = {f"filler-{key}-{i}-{tag}": None for i in range(len(choices) - 1)}
+            alone[key] = _run(core, {f"{key}-alone-{tag}": choice, **fillers}, prompt)[f"{key}-alone-{tag}"]
     finally:
         core.model_executor.collective_rpc(RPC_UNLOAD, args=(SELF_TEST_ADAPTER,))
         loaded.pop(SELF_TEST_ADAPTER, None)
 
-    def distance(a: dict[int, float], b: dict[int, float]) -> float:
-        shared = set(a) & set(b)
-        if max(a, key=a.get) != max(b, key=b.get) or len(shared) < 2:
-            return float("inf")
-        return max(abs(a[t] - b[t]) for t in shared)
-
-    plain, steered = distance(mixed[f"plain-{tag}"], base), distance(mixed[f"steered-{tag}"], base)
-    if plain > tolerance:
-        raise SelfTestError(f"LoFiT self-test: an unsteered request next to a steered one changed its log-probs "
-                            f"by {plain:.3g} (> {tolerance}); steering leaks across requests")
-    if steered <= max(10 * tolerance, 0.5):
-        raise SelfTestError(f"LoFiT self-test: a strongly steered request changed the log-probs by only "
-                            f"{steered:.3g}; steering is not applied")
-    logger.info("LoFiT self-test passed: steered log-probs moved by %.3g, unsteered by %.3g (tolerance %g)",
-                steered, plain, tolerance)
-    return {"unsteered_change": plain, "steered_change": steered}
+    leaks = {key: distance(mixed[f"{key}-{tag}"], alone[key]) for key in choices}
+    worst = max(leaks, key=leaks.get)
+    if leaks[worst] > tolerance:
+        raise SelfTestError(f"LoFiT self-test: the {worst} request's log-probs in a mixed batch differ by "
+                            f"{leaks[worst]:.3g} (> {tolerance}) from the same request next to plain ones; "
+                            "steering leaks across requests")
+    moved = {key: distance(alone[key], alone["plain"]) for key in ("steered", "negated")}
+    weakest = min(moved, key=moved.get)
+    if moved[weakest] <= max(10 * tolerance, 0.5):
+        raise SelfTestError(f"LoFiT self-test: a strongly steered ({weakest}) request changed the log-probs by "
+                            f"only {moved[weakest]:.3g}; steering is not applied")
+    logger.info("LoFiT self-test passed (%d requests x %d tokens): steered log-probs moved by %.3g, a mixed "
+                "batch differs from one request's own run by %.3g (tolerance %g)", len(choices), STEPS,
+                moved[weakest], leaks[worst], tolerance)
+    return {"unsteered_change": leaks[worst], "steered_change": moved[weakest]}

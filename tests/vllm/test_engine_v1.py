@@ -142,6 +142,23 @@ def test_the_self_test_fails_loudly_when_steering_does_not_reach_the_model(engin
         selftest.self_test(engine.llm_engine.engine_core.engine_core)
 
 
+def test_the_self_test_fails_loudly_when_steering_leaks_across_requests(engine, monkeypatch):
+    """Every request of a batch is given the row of the first steered one: plain requests next to a steered one
+    are steered too, which only the mixed batch shows."""
+    from lofit.vllm import selftest
+    from lofit.vllm.bank import RequestRows
+
+    row_for = RequestRows.row_for
+
+    def leaky(self, req_id, extra_args):
+        rows = [row for row, _ in self._held.values() if row] + [row_for(self, req_id, extra_args)]
+        return next(row for row in rows if row) if any(rows) else 0
+
+    monkeypatch.setattr(RequestRows, "row_for", leaky)
+    with pytest.raises(selftest.SelfTestError, match="steering leaks across requests"):
+        selftest.self_test(engine.llm_engine.engine_core.engine_core)
+
+
 def test_unsteered_engine_equals_the_plain_model(engine, reference):
     assert texts(run(engine, [(p, None) for p in PROMPTS])) == [greedy_reference(reference, p) for p in PROMPTS]
 
