@@ -69,6 +69,8 @@ class Shapes:
 SHAPES = {
     "llama2-7b": Shapes(hidden=4096, heads=32, head_dim=128, kv_heads=32, layers=32, capacity=257,
                         decode_batch=256, context=1024, prefill_tokens=4096, prefill_seq=1024),
+    "llama3-8b": Shapes(hidden=4096, heads=32, head_dim=128, kv_heads=8, layers=32, capacity=257,
+                        decode_batch=256, context=1024, prefill_tokens=4096, prefill_seq=4096),
     "small": Shapes(hidden=512, heads=8, head_dim=64, kv_heads=8, layers=4, capacity=17,
                     decode_batch=16, context=128, prefill_tokens=256, prefill_seq=128),
 }

@@ -4,8 +4,10 @@ running requests hold (:class:`RequestRows`).
 ``tables[layer]`` is ``[capacity, heads_local * head_dim]``; row 0 is all zeros ("no adapter") and every
 other row holds the summed, weighted offsets of one adapter combination, laid out exactly like the input
 of ``o_proj`` on this tensor-parallel rank. Each step the runner writes, for every scheduled token, the
-row of its request into ``token_rows``; the model then adds ``tables[layer][token_rows[:n]]`` to the
-input of ``o_proj`` — a branch-free gather-add that torch.compile and CUDA graphs can capture once.
+row of its request into ``token_rows`` (on the host through pinned staging: :meth:`AdapterBank.fill_token_rows`,
+V1 runner; or on the device: :func:`fill_token_rows_v2`, V2 runner); the model then adds
+``tables[layer][token_rows[:n]]`` to the input of ``o_proj`` — a branch-free gather-add that torch.compile and
+CUDA graphs can capture once. Plain torch: this module imports no vLLM (``scripts/gpu-check.sh`` uses it).
 
 The tables and the token-row buffer are allocated once and only ever written in place, and they are
 plain tensors on a plain object (not parameters or buffers, which inductor freezing could fold into
@@ -61,6 +63,11 @@ class AdapterBank:
         width = self.heads_per_rank * base.head_dim
         self.tables = torch.zeros(base.num_hidden_layers, capacity, width, dtype=dtype, device=device)
         self.token_rows = torch.zeros(max_num_tokens, dtype=torch.int64, device=device)
+        # host staging for the V1 fill: pinned on CUDA so the copy to the device is asynchronous (no host sync
+        # per step); the event of the last copy guards the staging buffer before it is written again
+        on_cuda = torch.device(device).type == "cuda"
+        self._staging = torch.zeros(max_num_tokens, dtype=torch.int64, pin_memory=on_cuda)
+        self._staged: torch.cuda.Event | None = None
         self._contents: OrderedDict[str, LofitAdapter] = OrderedDict()  # content_sha256 -> adapter, oldest first
         self._names: dict[str, str] = {}  # name -> content_sha256
         self._rows: OrderedDict[Combination, _Row] = OrderedDict()  # least recently used first
@@ -175,7 +182,9 @@ class AdapterBank:
                         num_padded: int | None = None) -> int:
         """Host-side fill (V1 runner): request ``i``'s row for each of its scheduled tokens, 0 after.
 
-        Returns the number of real tokens. ``num_padded`` zeroes the padding up to that size.
+        Returns the number of real tokens. ``num_padded`` zeroes the padding up to that size. On CUDA the rows
+        go through a pinned staging buffer with a non-blocking copy (stream-ordered before the forward that
+        reads them), so the fill does not wait for the device.
         """
         rows = torch.tensor(request_rows, dtype=torch.int64)
         counts = torch.tensor(request_tokens, dtype=torch.int64)
@@ -184,14 +193,44 @@ class AdapterBank:
         end = max(n, num_padded or n)
         if end > self.token_rows.numel():
             raise BankError(f"{end} tokens exceed the bank's token buffer ({self.token_rows.numel()})")
-        self.token_rows[:n].copy_(per_token)
-        self.token_rows[n:end].zero_()
+        if self._staged is not None:
+            self._staged.synchronize()  # the previous step's copy has read the staging buffer
+        self._staging[:n].copy_(per_token)
+        self._staging[n:end].zero_()
+        self.token_rows[:end].copy_(self._staging[:end], non_blocking=True)
+        if self.token_rows.is_cuda:
+            self._staged = torch.cuda.Event()
+            self._staged.record()
         return n
 
     def apply(self, layer: int, attn_output: torch.Tensor) -> torch.Tensor:
         """``attn_output [n, heads_local*head_dim]`` plus each token's row of ``tables[layer]``."""
         rows = self.token_rows[: attn_output.shape[0]]
         return attn_output + self.tables[layer].index_select(0, rows).to(attn_output.dtype)
+
+
+def fill_token_rows_v2(token_rows: torch.Tensor, slot_rows: torch.Tensor, idx_mapping: torch.Tensor,
+                       query_start_loc: torch.Tensor, num_reqs: int, num_tokens: int, num_padded: int) -> None:
+    """Write each token's bank row into ``token_rows[:num_tokens]`` and zeros up to ``num_padded``.
+
+    Batch position ``i`` holds the request in persistent slot ``idx_mapping[i]``, whose row is
+    ``slot_rows[idx_mapping[i]]``; its tokens are ``query_start_loc[i]:query_start_loc[i + 1]``. Only
+    device ops with sizes known on the host, so nothing waits for the device.
+    """
+    end = max(num_tokens, num_padded)
+    if end > token_rows.numel():
+        raise ValueError(f"{end} tokens exceed the bank's token buffer ({token_rows.numel()})")
+    if num_reqs > 0 and num_tokens > 0:
+        row_of_req = slot_rows.index_select(0, idx_mapping[:num_reqs])
+        ends = query_start_loc[1:num_reqs + 1]
+        token_index = torch.arange(num_tokens, dtype=ends.dtype, device=ends.device)
+        # request of each token = number of requests that end at or before it; clamped so that a
+        # malformed query_start_loc can never index past the batch on the device.
+        req_of_token = torch.searchsorted(ends, token_index, right=True).clamp_(max=num_reqs - 1)
+        token_rows[:num_tokens] = row_of_req[req_of_token]
+    else:
+        num_tokens = 0
+    token_rows[num_tokens:end].zero_()
 
 
 _ACTIVE: dict[str, AdapterBank] = {}  # a plain global: compiled graphs read its tensors at call time

@@ -20,31 +20,7 @@ from vllm.v1.worker.gpu.mm.encoder_cache import EncoderCache
 from vllm.v1.worker.gpu.model_states.default import DefaultModelState
 from vllm.v1.worker.gpu.states import RequestState
 
-from lofit.vllm.bank import AdapterBank, RequestRows, active_bank
-
-
-def fill_token_rows_v2(token_rows: torch.Tensor, slot_rows: torch.Tensor, idx_mapping: torch.Tensor,
-                       query_start_loc: torch.Tensor, num_reqs: int, num_tokens: int, num_padded: int) -> None:
-    """Write each token's bank row into ``token_rows[:num_tokens]`` and zeros up to ``num_padded``.
-
-    Batch position ``i`` holds the request in persistent slot ``idx_mapping[i]``, whose row is
-    ``slot_rows[idx_mapping[i]]``; its tokens are ``query_start_loc[i]:query_start_loc[i + 1]``. Only
-    device ops with sizes known on the host, so nothing waits for the device.
-    """
-    end = max(num_tokens, num_padded)
-    if end > token_rows.numel():
-        raise ValueError(f"{end} tokens exceed the bank's token buffer ({token_rows.numel()})")
-    if num_reqs > 0 and num_tokens > 0:
-        row_of_req = slot_rows.index_select(0, idx_mapping[:num_reqs])
-        ends = query_start_loc[1:num_reqs + 1]
-        token_index = torch.arange(num_tokens, dtype=ends.dtype, device=ends.device)
-        # request of each token = number of requests that end at or before it; clamped so that a
-        # malformed query_start_loc can never index past the batch on the device.
-        req_of_token = torch.searchsorted(ends, token_index, right=True).clamp_(max=num_reqs - 1)
-        token_rows[:num_tokens] = row_of_req[req_of_token]
-    else:
-        num_tokens = 0
-    token_rows[num_tokens:end].zero_()
+from lofit.vllm.bank import AdapterBank, RequestRows, active_bank, fill_token_rows_v2
 
 
 class LofitModelState(DefaultModelState):

@@ -23,8 +23,8 @@ from vllm.v1.worker.gpu.model_states.default import DefaultModelState
 from lofit.adapter import LofitAdapter
 from lofit.heads import BaseModelIdentity
 from lofit.vllm import bank as bank_module
-from lofit.vllm.bank import AdapterBank, install_bank
-from lofit.vllm.runner_v2 import LofitModelState, fill_token_rows_v2, hook_installed
+from lofit.vllm.bank import AdapterBank, fill_token_rows_v2, install_bank
+from lofit.vllm.runner_v2 import LofitModelState, hook_installed
 
 MAX_REQS, MAX_TOKENS = 8, 64
 CPU = torch.device("cpu")
