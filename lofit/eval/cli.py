@@ -29,7 +29,7 @@ def adapter_fold(adapter: LofitAdapter) -> int | None:
     """The TruthfulQA fold an adapter was trained on, from its recorded hyper-parameters."""
     fold = (adapter.metadata.get("hyperparameters") or {}).get("fold")
     task = TASKS.get(adapter.task or "")
-    return fold if task is not None and task.eval is not None and task.eval.folds and fold in (0, 1) else None
+    return fold if task is not None and task.folds and fold in (0, 1) else None
 
 
 def make_backend(args: argparse.Namespace):
@@ -54,7 +54,7 @@ def load_items(args: argparse.Namespace, fold: int | None) -> tuple[str, list]:
     spec = TASKS[args.task].eval
     split = args.split or "test"
     items = spec.items(data=args.data, split=split, fold=fold or 0, limit=args.limit, seed=args.seed)
-    return (f"fold_{fold}_{split}" if spec.folds else split), items
+    return (f"fold_{fold}_{split}" if TASKS[args.task].folds else split), items
 
 
 def markdown(report: dict) -> str:
@@ -73,23 +73,27 @@ def markdown(report: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     """Run ``lofit-eval``; exits 2 with a one-line error for bad settings or data, writing nothing."""
-    parser = argparse.ArgumentParser(prog="lofit-eval", description=__doc__,
+    parser = argparse.ArgumentParser(prog="lofit-eval", description=__doc__.replace("``", ""),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path, required=True)
+    parser.add_argument("--model", type=Path, required=True, help="local Hugging Face checkpoint directory")
     parser.add_argument("--task", required=True, choices=EVAL_TASKS)
     parser.add_argument("--adapter", type=Path, action="append", default=[], help="an adapter directory (repeat)")
     parser.add_argument("--split", help="data split (default: test)")
     parser.add_argument("--limit", type=int, help="score only N items (a seeded sample for the shuffled tasks)")
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True,
+                        help="report FILE.json to write (FILE.md beside it; folders are created)")
     parser.add_argument("--backend", choices=("auto", "vllm", "transformers"), default="auto",
                         help="auto: vLLM for generation tasks, the transformers cached-prefix scorer for "
                              "log-likelihood tasks (vLLM reads no prefix cache when it returns prompt log-probs)")
-    parser.add_argument("--fold", choices=("0", "1", "both"), default="both", help="TruthfulQA fold(s)")
+    parser.add_argument("--fold", choices=("0", "1", "both"),
+                        help="TruthfulQA fold(s) [both: the base model on the test split of each fold, each adapter "
+                             "on the fold it was trained on]")
     parser.add_argument("--data", type=Path, help="data file or folder (required for clutrr and siqa)")
     parser.add_argument("--no-base", action="store_true", help="do not score the base model")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--max-model-len", type=int, default=1024)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the --limit sample and the engine [0]")
+    parser.add_argument("--dtype", default="float32", help="model dtype, e.g. float32 or bfloat16 [float32]")
+    parser.add_argument("--max-model-len", type=int, default=1024,
+                        help="vLLM backend: longest prompt + completion in tokens [1024]")
     args = parser.parse_args(argv)
 
     def fail(message: str) -> None:
@@ -108,8 +112,11 @@ def main(argv: list[str] | None = None) -> None:
             adapters.append((path, load_adapter(path)))
         except AdapterError as exc:
             fail(str(exc))
+    by_fold = TASKS[args.task].folds
+    if args.fold is not None and not by_fold:
+        fail(f"--fold is only for tasks with folds (truthfulqa); {args.task} has none")
+    args.fold = args.fold or "both"
     folds = [0, 1] if args.fold == "both" else [int(args.fold)]
-    by_fold = TASKS[args.task].eval.folds
     jobs: list[tuple[str, Path | None, int | None]] = []  # (label, adapter path, fold)
     if not args.no_base:
         jobs += [("base", None, fold) for fold in (folds if by_fold else [None])]

@@ -68,9 +68,9 @@ def _commonsense(name: str, train: bool) -> Task:
 
 
 TASKS: dict[str, Task] = {task.name: task for task in (
-    Task("truthfulqa", train=_truthfulqa_train, train_defaults=_DPO_DEFAULTS, max_len=512,
+    Task("truthfulqa", folds=True, train=_truthfulqa_train, train_defaults=_DPO_DEFAULTS, max_len=512,
          eval=EvalSpec(truthfulqa.eval_items, truthfulqa.evaluate_mc, "mc1", likelihood=True,
-                       second=("mc2", "MC2"), folds=True),
+                       second=("mc2", "MC2")),
          probe_texts=truthfulqa.probe_texts, probe_format=truthfulqa.PROBE_FORMAT),
     Task("mquake", train=_mquake_train, train_defaults=_SFT_DEFAULTS,
          eval=EvalSpec(mquake.eval_items, mquake.evaluate, "exact_match", likelihood=False,
@@ -83,8 +83,8 @@ TASKS: dict[str, Task] = {task.name: task for task in (
     _commonsense("winogrande", train=False),
     _commonsense("siqa", train=False),
     Task("gsm8k", eval=EvalSpec(gsm8k.eval_items, gsm8k.evaluate, "exact_match", likelihood=False)),
-    Task("sft-jsonl", train=_sft_jsonl_train, train_defaults=_SFT_DEFAULTS),
-    Task("dpo-jsonl", train=_dpo_jsonl_train, train_defaults=_DPO_DEFAULTS, max_len=512),
+    Task("sft-jsonl", val_data=True, train=_sft_jsonl_train, train_defaults=_SFT_DEFAULTS),
+    Task("dpo-jsonl", val_data=True, train=_dpo_jsonl_train, train_defaults=_DPO_DEFAULTS, max_len=512),
 )}
 
 TRAIN_TASKS = tuple(name for name, task in TASKS.items() if task.train is not None)

@@ -65,6 +65,8 @@ def file_identity(path: Path, rows: int) -> dict[str, Any]:
 
 def require_file(path: Path, hint: str = "") -> Path:
     """``path`` if it is a file, else :class:`TaskError` naming it (plus ``hint``, e.g. where to get the data)."""
+    if path.is_dir():
+        raise TaskError(f"{path} is a directory; a data file is needed here" + (f"; {hint}" if hint else ""))
     if not path.is_file():
         raise TaskError(f"data file {path} not found" + (f"; {hint}" if hint else ""))
     return path
@@ -124,8 +126,7 @@ class EvalSpec:
     ``items(data, split, fold, limit, seed)`` loads the evaluation items (raises :class:`TaskError`);
     ``score(backend, items, adapter)`` returns a dict with ``metric`` (a fraction in [0, 1]), ``items`` and any
     diagnostics. ``likelihood``: scored by log-likelihood of given continuations (else by greedy generation).
-    ``second`` is an extra column of the markdown table: (key, heading). ``folds``: the items depend on the
-    TruthfulQA fold.
+    ``second`` is an extra column of the markdown table: (key, heading).
     """
 
     items: Callable[..., list]
@@ -133,7 +134,6 @@ class EvalSpec:
     metric: str
     likelihood: bool
     second: tuple[str, str] | None = None
-    folds: bool = False
 
 
 @dataclass(frozen=True)
@@ -143,10 +143,13 @@ class Task:
     ``train(data, val_data, fold, train_size, seed)`` returns :class:`TaskData` (``lofit-train``), with the
     reference learning rates and L1 weight in ``train_defaults`` (``lofit-method.md`` §7) and the default
     ``max_len`` in tokens. ``probe_texts(fold, limit, seed)`` returns :class:`ProbeTexts` written with
-    ``probe_format`` (``lofit-baseline iti``).
+    ``probe_format`` (``lofit-baseline iti``). ``folds``: the data comes in folds (``--fold``; TruthfulQA's
+    2-fold protocol); ``val_data``: the training data takes a separate validation file (``--val-data``).
     """
 
     name: str
+    folds: bool = False
+    val_data: bool = False
     train: Callable[..., TaskData] | None = None
     train_defaults: dict[str, float] = field(default_factory=dict)
     max_len: int = 400

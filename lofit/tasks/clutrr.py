@@ -96,7 +96,11 @@ def eval_items(data: str | Path | None = None, split: str = "test", fold: int = 
     """The items of ``split`` from the CLUTRR folder ``data`` (required; a seeded sample of ``limit``)."""
     if data is None:
         raise TaskError(NO_DATA)
-    return sample(read_items(require_file(Path(data) / f"{split}.json", NO_DATA)), limit, seed)
+    path = require_file(Path(data) / f"{split}.json", NO_DATA)
+    items = read_items(path)
+    for number, item in enumerate(items, start=1):
+        to_example(item, f"{path} item {number}")  # a malformed item fails here, before any model loads
+    return sample(items, limit, seed)
 
 
 def evaluate(backend: Backend, items: list[dict[str, Any]], adapter: str | None) -> dict[str, Any]:

@@ -185,15 +185,25 @@ EVAL_FILES = {
 
 def eval_items(task: str, data: str | Path | None = None, split: str = "test", fold: int = 0,
                limit: int | None = None, seed: int = 0) -> list[MultipleChoiceItem]:
-    """The evaluation items of ``task`` (a seeded sample of ``limit`` when given); ``split`` names the shipped
-    file's split only in reports (each task ships one evaluation file)."""
+    """The evaluation items of ``task`` (a seeded sample of ``limit`` when given). Each task ships one evaluation
+    file, its split ``test``; another ``split`` needs ``data`` (the split is then only the report's label).
+    Raises :class:`TaskError` for a missing or malformed file."""
     loader, default = EVAL_FILES[task]
     if data is None and default is None:
         raise TaskError(f"{task} is not shipped with lofit (no licence stated upstream); pass --data FILE")
+    if data is None and split != "test":
+        raise TaskError(f"{task} ships one evaluation file ({default}), scored as split 'test'; to score another "
+                        "split, pass its file with --data")
     path = Path(data) if data is not None else PACKAGE_DATA / default
     if path.is_dir():
         path = path / Path(default or "dev.jsonl").name
-    return sample(loader(require_file(path)), limit, seed)
+    try:
+        items = loader(require_file(path))
+    except (KeyError, TypeError, IndexError, AttributeError, ValueError) as exc:
+        if isinstance(exc, TaskError):
+            raise
+        raise TaskError(f"{path}: not a {task} evaluation file ({type(exc).__name__}: {exc})") from None
+    return sample(items, limit, seed)
 
 
 def accuracy(scores: list[list[float]], items: list[MultipleChoiceItem]) -> tuple[float, list[str]]:

@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from lofit.tasks.base import PACKAGE_DATA, Backend, read_jsonl, require_file, sample
+from lofit.tasks.base import PACKAGE_DATA, Backend, TaskError, read_jsonl, require_file, sample
 
 PROMPT = "Question: {question}\nAnswer: Let's think step by step."
 NEW_TOKENS = 256
@@ -35,10 +35,18 @@ def gold_number(answer: str) -> str:
 
 def eval_items(data: str | Path | None = None, split: str = "test", fold: int = 0, limit: int | None = None,
                seed: int = 0) -> list[dict[str, Any]]:
-    """The problems of a JSON-lines file (``data``, or its ``test.jsonl``; default the shipped test split)."""
+    """The problems of a JSON-lines file (``data``, or its ``test.jsonl``; default the shipped test split).
+
+    Raises :class:`TaskError` for a missing file, bad JSON, or a row without string ``question``/``answer``."""
+    if data is None and split != "test":
+        raise TaskError("gsm8k ships its test split only; to score another split, pass its file with --data")
     path = Path(data) if data else PACKAGE_DATA / "gsm8k" / "test.jsonl"
     path = path / "test.jsonl" if path.is_dir() else path
-    return sample(read_jsonl(require_file(path)), limit, seed)
+    rows = read_jsonl(require_file(path))
+    for number, row in enumerate(rows, start=1):
+        if not (isinstance(row, dict) and isinstance(row.get("question"), str) and isinstance(row.get("answer"), str)):
+            raise TaskError(f"{path}: row {number} is not a GSM8K problem (string fields 'question' and 'answer')")
+    return sample(rows, limit, seed)
 
 
 def evaluate(backend: Backend, items: list[dict[str, Any]], adapter: str | None) -> dict[str, Any]:

@@ -8,8 +8,8 @@
   reference's rule; ``exact_match_stripped`` also forgives surrounding whitespace, a diagnostic).
 - Probe texts (ITI): ``prompt + new_answer`` (1) and ``prompt + answer`` (the pre-edit answer, 0).
 
-``python -m lofit.tasks.mquake REPORT.json ...`` recomputes both exact-match numbers of saved
-``lofit-eval`` reports from their predictions.
+``python -m lofit.eval.rescore_mquake REPORT.json ...`` recomputes both exact-match numbers of saved
+``lofit-eval`` reports from their predictions (:func:`rescore`).
 """
 
 from __future__ import annotations
@@ -89,7 +89,11 @@ def eval_items(data: str | Path | None = None, split: str = "test", fold: int = 
                seed: int = 0) -> list[dict[str, Any]]:
     """The cases of ``split`` (a seeded sample of ``limit`` when given)."""
     root = Path(data) if data else PACKAGE_DATA / "mquake"
-    return sample(read_cases(require_file(root / f"{split}.jsonl")), limit, seed)
+    path = require_file(root / f"{split}.jsonl")
+    cases = read_cases(path)
+    for number, case in enumerate(cases, start=1):
+        to_example(case, f"{path} case {number}")  # a malformed case fails here, before any model loads
+    return sample(cases, limit, seed)
 
 
 def evaluate(backend: Backend, cases: list[dict[str, Any]], adapter: str | None) -> dict[str, Any]:
@@ -104,23 +108,31 @@ def evaluate(backend: Backend, cases: list[dict[str, Any]], adapter: str | None)
 def rescore(report: str | Path) -> list[tuple[str, float, float]]:
     """(label, exact match, stripped exact match) for every model of a saved MQuAKE ``lofit-eval`` report,
     recomputed from its predictions on the packaged split it was scored on. Raises :class:`TaskError`."""
+    path = Path(report)
+    if not path.is_file():
+        raise TaskError(f"report {report} not found")
     try:
-        data = json.loads(require_file(Path(report)).read_text())
-    except json.JSONDecodeError as error:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise TaskError(f"{report} is not a lofit-eval JSON report: {error}") from None
-    task = data.get("task") if isinstance(data, dict) else None
-    if task != "mquake":
-        raise TaskError(f"{report} is a {task!r} report, not mquake")
+    if not isinstance(data, dict) or not isinstance(data.get("results"), list):
+        raise TaskError(f"{report} is not a lofit-eval JSON report (no 'results' list)")
+    if data.get("task") != "mquake":
+        raise TaskError(f"{report} is a {data.get('task')!r} report, not mquake")
     cases_of: dict[str, list[dict[str, Any]]] = {}
     rows = []
-    for result in data["results"]:
+    for number, result in enumerate(data["results"], start=1):
+        if not (isinstance(result, dict) and isinstance(result.get("split"), str)
+                and isinstance(result.get("predictions"), list)):
+            raise TaskError(f"{report}: result {number} lacks its 'split' or 'predictions'")
         split, predictions = result["split"], result["predictions"]
         if split not in cases_of:
             cases_of[split] = eval_items(split=split, limit=data.get("limit"), seed=data.get("seed", 0))
         cases = cases_of[split]
         if len(cases) != len(predictions):
-            raise TaskError(f"{report}: {result['label']} has {len(predictions)} predictions for {len(cases)} cases")
-        rows.append((result["label"], exact_match(predictions, cases), exact_match(predictions, cases, strip=True)))
+            raise TaskError(f"{report}: {result.get('label')} has {len(predictions)} predictions for {len(cases)} "
+                            "cases")
+        rows.append((result.get("label"), exact_match(predictions, cases), exact_match(predictions, cases, strip=True)))
     return rows
 
 
@@ -160,16 +172,3 @@ def probe_texts(fold: int = 0, limit: int | None = None, seed: int = 42) -> Prob
     texts.files = [file_identity(path, len(all_cases))]
     return texts
 
-
-if __name__ == "__main__":
-    import sys
-
-    if len(sys.argv) < 2:
-        sys.exit("usage: python -m lofit.tasks.mquake MQUAKE_REPORT.json [...]")
-    for path in sys.argv[1:]:
-        try:
-            rows = rescore(path)
-        except TaskError as error:
-            sys.exit(f"error: {error}")
-        for label, strict, stripped in rows:
-            print(f"{path}\t{label}\texact_match {100 * strict:.1f}\tstripped {100 * stripped:.1f}")

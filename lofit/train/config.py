@@ -27,7 +27,7 @@ class TrainConfig:
     data: str | None = None
     val_data: str | None = None
     name: str | None = None
-    fold: int = 0
+    fold: int | None = None  # TruthfulQA only; 0 when not given
     train_size: int | None = None
     heads: int | None = None
     heads_percent: float | None = None
@@ -82,8 +82,18 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be a positive number")
         if not (math.isfinite(out.l1) and out.l1 >= 0):
             raise ConfigError("l1 must be >= 0")
-        if out.fold not in (0, 1):
+        if not task.folds:
+            if out.fold is not None:
+                raise ConfigError(f"--fold is only for tasks with folds (truthfulqa); {self.task} has none")
+        elif out.fold is None:
+            out.fold = 0
+        elif out.fold not in (0, 1):
             raise ConfigError("--fold must be 0 or 1")
+        if out.val_data is not None and not task.val_data:
+            raise ConfigError(f"--val-data is only for the jsonl tasks (sft-jsonl, dpo-jsonl); {self.task} brings "
+                              "its own validation split")
+        if out.limit is not None and out.limit < 1:
+            raise ConfigError("--limit must be at least 1")
         return out
 
     def num_heads(self, total_heads: int) -> int:

@@ -98,6 +98,12 @@ def test_cli_sft_jsonl_with_a_config_file(stories_dir, tmp_path):
     (["--task", "clutrr", "--heads", "2", "--out", "X"], "non-commercial"),
     (["--task", "sft-jsonl", "--heads", "2", "--out", "X"], "needs --data"),
     (["--task", "truthfulqa", "--heads", "2", "--out", "X", "--lr-v", "-1"], "lr_v must be a positive"),
+    (["--task", "mquake", "--heads", "2", "--out", "X", "--fold", "1"], "--fold is only for tasks with folds"),
+    (["--task", "truthfulqa", "--heads", "2", "--out", "X", "--val-data", "v.jsonl"],
+     "--val-data is only for the jsonl tasks"),
+    (["--task", "arc", "--heads", "2", "--out", "X", "--limit", "0"], "--limit must be at least 1"),
+    (["--task", "arc", "--heads", "2", "--out", "X", "--limit", "-1"], "--limit must be at least 1"),
+    (["--task", "sft-jsonl", "--heads", "2", "--out", "X", "--data", "."], "is a directory; a data file is needed"),
 ])
 def test_cli_bad_input_gets_a_clear_error(stories_dir, tmp_path, capsys, args, message):
     args = [a.replace("X", str(tmp_path / "x")) for a in args]

@@ -178,7 +178,8 @@ def test_lofit_eval_cli_writes_json_and_markdown(stories_dir, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("extra", [["--no-base"], ["--limit", "0"], ["--task", "siqa"]])
+@pytest.mark.parametrize("extra", [["--no-base"], ["--limit", "0"], ["--task", "siqa"], ["--fold", "1"],
+                                   ["--split", "val"]])
 def test_lofit_eval_cli_refuses_bad_input(stories_dir, tmp_path, extra):
     args = ["--model", str(stories_dir), "--task", "arc", "--backend", "transformers", "--out",
             str(tmp_path / "x.json"), *extra]
@@ -202,3 +203,44 @@ def test_instruction_training_data_uses_the_prompt_the_evaluation_scores():
     item = eval_items("arc", limit=1)[0]
     assert item.instruction.startswith("Please choose the correct answer to the question: ")
     assert item.instruction.endswith("Answer format: " + "/".join(item.labels))
+
+
+def test_evaluation_data_problems_are_task_errors_before_any_model_loads(tmp_path):
+    with pytest.raises(TaskError, match="ships one evaluation file .* scored as split 'test'"):
+        eval_items("arc", split="val")
+    with pytest.raises(TaskError, match="gsm8k ships its test split only"):
+        gsm8k.eval_items(split="val")
+    wrong = tmp_path / "wrong.jsonl"
+    wrong.write_text(json.dumps({"prompt": "p", "completion": "c"}) + "\n")
+    with pytest.raises(TaskError, match="wrong.jsonl: not a arc evaluation file"):
+        eval_items("arc", data=wrong)
+    with pytest.raises(TaskError, match="wrong.jsonl: not a siqa evaluation file"):
+        eval_items("siqa", data=wrong)
+    with pytest.raises(TaskError, match="row 1 is not a GSM8K problem"):
+        gsm8k.eval_items(data=wrong)
+    (tmp_path / "test.jsonl").write_text(wrong.read_text())
+    with pytest.raises(TaskError, match="not an MQuAKE case"):
+        mquake.eval_items(data=tmp_path)
+    (tmp_path / "test.json").write_text(json.dumps([{"query": "('a', 'b')"}]))
+    with pytest.raises(TaskError, match="not a CLUTRR item"):
+        clutrr.eval_items(data=tmp_path)
+    (tmp_path / "winogrande").mkdir()
+    (tmp_path / "winogrande" / "test.json").mkdir()
+    with pytest.raises(TaskError, match="test.json is a directory; a data file is needed"):
+        eval_items("winogrande", data=tmp_path / "winogrande")
+
+
+def test_the_rescore_command_prints_both_numbers_or_one_line_errors(tmp_path):
+    cases = mquake.eval_items(limit=4, seed=0)
+    report = _mquake_report(tmp_path, [cases[0]["new_answer"] + "\nQ:", " " + cases[1]["new_answer"], "x", ""], 4)
+    ok = subprocess.run([sys.executable, "-m", "lofit.eval.rescore_mquake", str(report)], capture_output=True,
+                        text=True, timeout=120)
+    assert ok.returncode == 0 and ok.stderr == ""
+    assert ok.stdout == f"{report}\ta\texact_match 25.0\tstripped 50.0\n"
+    for body, message in (('{"task": "mquake"}', "no 'results' list"), ("[1, 2]", "no 'results' list"),
+                          ('{"task": "mquake", "results": [{"label": "a"}]}', "result 1 lacks its 'split'")):
+        (tmp_path / "bad.json").write_text(body)
+        bad = subprocess.run([sys.executable, "-m", "lofit.eval.rescore_mquake", str(tmp_path / "bad.json")],
+                             capture_output=True, text=True, timeout=120)
+        assert bad.returncode == 2 and bad.stderr.startswith("rescore_mquake: error: ") and message in bad.stderr
+        assert bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr
