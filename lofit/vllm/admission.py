@@ -22,6 +22,7 @@ from lofit.vllm.contract import (
     combine_salt,
     requested_weights,
     reserved_salt_error,
+    resolved_combination,
 )
 
 ENGINE_ATTR = "_lofit_adapters"  # on the EngineCore: {name: content_sha256}, or None for a non-LoFiT model
@@ -73,3 +74,22 @@ def record_rpc(loaded: dict[str, str] | None, method: Any, args: tuple, kwargs: 
         loaded[results[0]["name"]] = results[0]["content_sha256"]
     elif method == RPC_UNLOAD:
         loaded.pop(args[0] if args else (kwargs or {})["name"], None)
+
+
+def live_content(core: Any) -> list[str]:
+    """The content hashes the engine's live requests (waiting, running or preempted) were admitted with."""
+    shas: set[str] = set()
+    for request in getattr(core.scheduler, "requests", {}).values():
+        params = getattr(request, "sampling_params", None)
+        combo = resolved_combination(params.extra_args) if params is not None else None
+        if combo is not None:
+            shas.update(combo.shas)
+    return sorted(shas)
+
+
+def with_pins(core: Any, method: Any, kwargs: dict | None) -> dict | None:
+    """``kwargs`` of an adapter load or unload RPC with ``pinned`` = :func:`live_content`, so the workers never
+    evict content a live request still needs (other RPCs unchanged)."""
+    if loaded_adapters(core) is None or method not in (RPC_LOAD, RPC_UNLOAD):
+        return kwargs
+    return {**(kwargs or {}), "pinned": live_content(core)}

@@ -80,10 +80,12 @@ class AdapterBank:
 
     # -- adapters -------------------------------------------------------------------------------------
 
-    def load(self, adapter: LofitAdapter) -> str:
+    def load(self, adapter: LofitAdapter, pinned: Sequence[str] = ()) -> str:
         """Make ``adapter`` resident under its name (replacing older content); returns its content hash.
 
         Content is kept by hash: requests admitted with the older content keep getting it until they end.
+        ``pinned``: content hashes that requests still waiting or preempted were admitted with (the engine
+        core's view); they are never evicted, however many reloads happen before those requests run.
         """
         problems = adapter.base_model.mismatches(self.base)
         if problems:
@@ -92,15 +94,16 @@ class AdapterBank:
         self._contents[sha] = adapter
         self._contents.move_to_end(sha)
         self._names[adapter.name] = sha
-        self._evict_retired()
+        self._evict_retired(pinned)
         return sha
 
-    def unload(self, name: str) -> None:
-        """Forget the name ``name``. Requests that use its content keep it until they end."""
+    def unload(self, name: str, pinned: Sequence[str] = ()) -> None:
+        """Forget the name ``name``. Requests that use its content keep it until they end (``pinned``: as in
+        :meth:`load`)."""
         if name not in self._names:
             raise BankError(f"adapter {name!r} is not loaded")
         del self._names[name]
-        self._evict_retired()
+        self._evict_retired(pinned)
 
     def loaded(self) -> dict[str, str]:
         """``{name: content_sha256}`` of the adapters that requests can name."""
@@ -113,10 +116,11 @@ class AdapterBank:
             raise BankError(f"adapter(s) {unknown} are not loaded")
         return Combination.of({n: (self._names[n], w) for n, w in weights.items()})
 
-    def _evict_retired(self) -> None:
-        """Drop content no name points at and no held row uses, beyond the newest ``RETAINED`` such items."""
+    def _evict_retired(self, pinned: Sequence[str] = ()) -> None:
+        """Drop content no name points at, no held row uses and no live request is pinned to, beyond the newest
+        ``RETAINED`` such items."""
         held = {sha for combo, row in self._rows.items() if row.refcount for _, sha, _ in combo.parts}
-        keep = set(self._names.values()) | held
+        keep = set(self._names.values()) | held | set(pinned)
         retired = [sha for sha in self._contents if sha not in keep]  # oldest first
         for sha in retired[: max(0, len(retired) - RETAINED)]:
             del self._contents[sha]

@@ -6,7 +6,9 @@ The inventory of vLLM 0.32 symbols touched here (``tests/vllm/test_vllm_surface.
   admission.admit` checks and stamps the request's ``sampling_params.extra_args`` and sets its ``cache_salt``
   before vLLM hashes its KV blocks;
 * ``EngineCore.collective_rpc(self, method, timeout, args, kwargs)`` — wrapped: adapter loads and unloads
-  on the workers update the engine's ``{name: content_sha256}`` (:func:`~lofit.vllm.admission.record_rpc`);
+  carry the content hashes of the live requests (``scheduler.requests``, each ``sampling_params.extra_args``;
+  :func:`~lofit.vllm.admission.with_pins`) so the workers never evict them, and update the engine's
+  ``{name: content_sha256}`` (:func:`~lofit.vllm.admission.record_rpc`);
 * ``EngineCore._initialize_kv_caches(self, vllm_config)`` — wrapped: after it, every worker must report a
   hooked runner (:func:`~lofit.vllm.selftest.check_workers`);
 * ``EngineCoreProc.run_busy_loop`` (and subclasses defining it) and ``vllm.v1.engine.core_client.
@@ -21,7 +23,7 @@ The worker-side patches are in :mod:`lofit.vllm.worker` (RPC methods on ``Worker
 
 from __future__ import annotations
 
-from lofit.vllm.admission import ENGINE_ATTR, admit, loaded_adapters, record_rpc
+from lofit.vllm.admission import ENGINE_ATTR, admit, loaded_adapters, record_rpc, with_pins
 from lofit.vllm.selftest import check_workers, self_test
 
 _MARK = "_lofit_wrapped"
@@ -48,6 +50,7 @@ def install() -> None:
         return original_preprocess(self, request)
 
     def collective_rpc(self, method, timeout=None, args=(), kwargs=None):
+        kwargs = with_pins(self, method, kwargs)
         results = original_rpc(self, method, timeout, args, kwargs)
         record_rpc(loaded_adapters(self), method, args, kwargs, results)
         return results

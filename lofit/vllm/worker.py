@@ -38,15 +38,17 @@ def runner_status(runner: Any) -> dict[str, Any]:
 class LofitWorkerMethods:
     """Methods added to vLLM's worker class (they must not clash with the worker's own names)."""
 
-    def lofit_load(self, path: str) -> dict[str, Any]:
-        """Validate the adapter directory against the served model and make it resident under its name."""
+    def lofit_load(self, path: str, pinned: list[str] | None = None) -> dict[str, Any]:
+        """Validate the adapter directory against the served model and make it resident under its name
+        (``pinned``: content hashes of live requests, never evicted; the engine core adds them)."""
         bank = active_bank()
         adapter = load_adapter(path, expect_base=bank.base)
-        return {"name": adapter.name, "content_sha256": bank.load(adapter), "num_heads": adapter.num_heads}
+        return {"name": adapter.name, "content_sha256": bank.load(adapter, pinned or ()),
+                "num_heads": adapter.num_heads}
 
-    def lofit_unload(self, name: str) -> None:
+    def lofit_unload(self, name: str, pinned: list[str] | None = None) -> None:
         """Forget an adapter name; requests already admitted with it keep its content until they end."""
-        active_bank().unload(name)
+        active_bank().unload(name, pinned or ())
 
     def lofit_list(self) -> dict[str, str]:
         """``{name: content_sha256}`` of the resident adapters."""

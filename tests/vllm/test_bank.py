@@ -104,6 +104,19 @@ def test_retired_content_is_evicted_beyond_the_retention_limit(bank, stories_ide
         bank.acquire(first)
 
 
+def test_content_pinned_by_live_requests_is_never_evicted(bank, stories_identity, monkeypatch):
+    monkeypatch.setattr("lofit.vllm.bank.RETAINED", 0)
+    first = bank.combination({"a": 1.0})  # admitted, not yet running: no row held
+    for seed in (10, 11, 12):
+        bank.load(make_adapter(stories_identity, "a", [(2, 2)], seed=seed), pinned=first.shas)
+    row, _ = bank.acquire(first)
+    assert row > 0 and torch.count_nonzero(bank.tables[:, row]) > 0
+    bank.release(first)
+    bank.unload("a", pinned=())  # nothing live any more: the old contents go
+    with pytest.raises(BankError, match="no longer resident"):
+        bank.acquire(first)
+
+
 def test_reloading_a_name_with_new_content_changes_the_fingerprint(bank, stories_identity):
     _, old = bank.acquire({"a": 1.0})
     old_row = bank.tables[:, 1].clone()

@@ -245,6 +245,32 @@ def test_loading_and_unloading_while_requests_run_changes_nothing_for_them(engin
     load(engine, a)  # restore
 
 
+def test_content_a_waiting_request_needs_survives_any_number_of_reloads(engine, reference, adapters, tmp_path,
+                                                                       monkeypatch):
+    """A request admitted with adapter a's content waits (not yet scheduled) while a's name is reloaded past
+    the bank's retention: the workers keep that content for it, and it gets exactly a's output."""
+    from vllm import SamplingParams
+
+    monkeypatch.setattr("lofit.vllm.bank.RETAINED", 0)  # every retired content would be evicted at once
+    a = adapters["a"]
+    load(engine, a)
+    core = engine.llm_engine
+    core.add_request("waiting-a", PROMPTS[0], SamplingParams(temperature=0, max_tokens=NEW_TOKENS,
+                                                             extra_args={"lofit_adapter": a.name}))
+    for i in range(3):  # new content under a's name each time
+        other = LofitAdapter.random(a.base_model, a.name, "all", seed=100 + i, scale=0.5)
+        other.path = other.save(tmp_path / f"reload-{i}")
+        load(engine, other)
+    done = {}
+    while core.has_unfinished_requests():
+        for out in core.step():
+            if out.finished:
+                done[out.request_id] = out.outputs[0].text
+    assert done == {"waiting-a": greedy_reference(reference, PROMPTS[0], [a], [1.0])}
+    load(engine, a)  # restore; the waiting request's content is no longer pinned now
+    assert set(engine.collective_rpc("lofit_list")[0]) >= {a.name}
+
+
 def test_new_adapters_do_not_recompile_the_model(engine, adapters, tmp_path):
     from vllm.compilation.counter import compilation_counter
 
