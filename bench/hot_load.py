@@ -55,7 +55,8 @@ def measure_hot_load(url: str, admin_key: str, adapters_dir: Path, model: Path, 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m bench.hot_load", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", default="http://127.0.0.1:8000")
     parser.add_argument("--admin-key", required=True)
     parser.add_argument("--adapters-dir", type=Path, default=Path("adapters"))

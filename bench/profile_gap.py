@@ -168,7 +168,7 @@ def set_environment() -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.profile_gap", description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=str(default_model_dir()))
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--prompt-tokens", type=int, default=128)

@@ -37,7 +37,8 @@ def spread_heads(num_layers: int, num_heads: int, k: int) -> list[tuple[int, int
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m bench.train_step", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=str(default_model_dir()))
     parser.add_argument("--pairs", type=int, default=8)
     parser.add_argument("--heads-percent", type=float, default=3.0)

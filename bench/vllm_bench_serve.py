@@ -61,7 +61,8 @@ def bench_serve(url: str, model: str, adapters: list[str], args: argparse.Namesp
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m bench.vllm_bench_serve", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=default_model_dir())
     parser.add_argument("--prompts", type=int, default=64)
     parser.add_argument("--concurrency", type=int, default=64)

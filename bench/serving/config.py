@@ -53,7 +53,8 @@ class Config:
 
 def parse_args(argv: list[str] | None = None, description: str | None = None) -> Config:
     """The command line of ``python -m bench.run_all`` (``description``: its help text); changes nothing else."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m bench.run_all", description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
                         help="smoke-sized: 32 prompt and 8 output tokens, 2 rounds (1 measured), 10 loads")
     parser.add_argument("--only", default=",".join(PARTS), help=f"comma-separated parts of {', '.join(PARTS)}")
