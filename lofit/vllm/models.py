@@ -193,6 +193,9 @@ class LofitModelMixin:
         if is_hybrid(base) or is_attention_free(base) or has_inner_state(base):
             raise ValueError(f"LoFiT steers attention heads at every layer; {base.__name__} is a hybrid, recurrent "
                              f"or attention-free model and is not supported ({SUPPORTED})")
+        if hasattr(base, "get_model_state_cls"):  # its own V2 runner state, which LofitModelState would replace
+            raise ValueError(f"{base.__name__} brings its own model-runner state, which LoFiT cannot combine with "
+                             f"its per-token rows yet; not supported ({SUPPORTED})")
         reasons = unsupported_settings(vllm_config)
         if reasons:
             raise ValueError("LoFiT cannot steer correctly with " + "; ".join(reasons))

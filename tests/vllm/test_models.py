@@ -28,14 +28,18 @@ def test_a_wrapper_is_made_for_every_checked_architecture():
         wrapper_for("NoSuchForCausalLM")
 
 
-@pytest.mark.parametrize("arch", ["MambaForCausalLM", "Qwen3NextForCausalLM", "JambaForCausalLM"])
-def test_hybrid_and_attention_free_models_are_refused_at_start(arch):
+@pytest.mark.parametrize(("arch", "message"), [
+    ("MambaForCausalLM", "MambaForCausalLM is a hybrid, recurrent or attention-free model"),
+    ("Qwen3NextForCausalLM", "Qwen3NextForCausalLM is a hybrid, recurrent or attention-free model"),
+    ("JambaForCausalLM", "JambaForCausalLM is a hybrid, recurrent or attention-free model"),
+    ("LongcatFlashNgramForCausalLM", "brings its own model-runner state"),
+])
+def test_models_lofit_cannot_steer_are_refused_before_they_are_built(arch, message):
     from lofit.vllm import models
 
     wrapper = getattr(models, "Lofit" + arch)
     model = wrapper.__new__(wrapper)
-    with pytest.raises(ValueError, match=f"{arch} is a hybrid, recurrent or attention-free model and is not "
-                                         "supported .served and checked: LlamaForCausalLM"):
+    with pytest.raises(ValueError, match=f"{message}.*not supported .served and checked: LlamaForCausalLM"):
         models.LofitModelMixin.__init__(model, vllm_config=None)
 
 
