@@ -226,6 +226,16 @@ def projection_keys(names: list[str], num_layers: int) -> list[str]:
                                 f"{', '.join(SUPPORTED_ARCHITECTURES)}")
 
 
+def check_checkpoint(model_dir: str | Path) -> None:
+    """Check, from the config and the tensor names only (no weights read), that LoFiT can steer this checkpoint:
+    the head layout fields exist and every decoder layer has an attention output projection.
+
+    Raises :class:`UnsupportedModelError` (or ``FileNotFoundError`` without ``config.json``)."""
+    model_dir = Path(model_dir)
+    fields = _identity_fields(json.loads((model_dir / "config.json").read_text()))
+    projection_keys(list(_checkpoint_tensor_files(model_dir)), fields["num_hidden_layers"])
+
+
 def identity_from_checkpoint(model_dir: str | Path, name: str | None = None) -> BaseModelIdentity:
     """Identity of a Hugging Face checkpoint directory, read from its files (no model is built).
 

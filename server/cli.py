@@ -134,6 +134,18 @@ def check_port_free(host: str, port: int) -> None:
         raise SystemExit(2) from None
 
 
+def check_steerable(model: Path) -> None:
+    """Exit 2 with one line, before any engine starts, for a checkpoint whose heads LoFiT cannot find (its
+    config and tensor names are read, no weights: :func:`lofit.heads.check_checkpoint`)."""
+    from lofit.heads import UnsupportedModelError, check_checkpoint
+
+    try:
+        check_checkpoint(model)
+    except (UnsupportedModelError, OSError, ValueError) as exc:
+        print(f"lofit-serve: {model}: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 def main(argv: list[str] | None = None) -> None:
     import uvicorn
 
@@ -141,6 +153,7 @@ def main(argv: list[str] | None = None) -> None:
 
     settings = parse(argv)
     check_port_free(settings.host, settings.port)
+    check_steerable(settings.model)
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     app = create_app(settings)
     own_log_handler()

@@ -109,3 +109,16 @@ def test_a_multimodal_config_is_read_through_its_text_config():
     mla = {"num_hidden_layers": 2, "num_attention_heads": 16, "hidden_size": 896, "qk_nope_head_dim": 128,
            "qk_rope_head_dim": 64, "v_head_dim": 128}
     assert layout_from_config(mla).head_dim == 128, "MLA: the value head size feeds o_proj"
+
+
+def test_a_checkpoint_is_checked_from_its_config_and_tensor_names(stories_dir, tmp_path):
+    from lofit.heads import check_checkpoint
+
+    check_checkpoint(stories_dir)
+    dst = tmp_path / "m"
+    shutil.copytree(stories_dir, dst)
+    tensors = load_file(str(dst / "model.safetensors"))
+    tensors.pop("model.layers.4.self_attn.o_proj.weight")
+    save_file(tensors, str(dst / "model.safetensors"))
+    with pytest.raises(UnsupportedModelError, match="tensor model.layers.4.self_attn.o_proj.weight not found"):
+        check_checkpoint(dst)
