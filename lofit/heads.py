@@ -226,14 +226,19 @@ def projection_keys(names: list[str], num_layers: int) -> list[str]:
                                 f"{', '.join(SUPPORTED_ARCHITECTURES)}")
 
 
+def _projection_tensors(model_dir: Path) -> tuple[dict[str, Any], dict[str, Path], list[str]]:
+    """The identity fields, tensor files and decoder projection tensor names of a checkpoint (no weights read)."""
+    fields = _identity_fields(json.loads((model_dir / "config.json").read_text()))
+    files = _checkpoint_tensor_files(model_dir)
+    return fields, files, projection_keys(list(files), fields["num_hidden_layers"])
+
+
 def check_checkpoint(model_dir: str | Path) -> None:
     """Check, from the config and the tensor names only (no weights read), that LoFiT can steer this checkpoint:
     the head layout fields exist and every decoder layer has an attention output projection.
 
     Raises :class:`UnsupportedModelError` (or ``FileNotFoundError`` without ``config.json``)."""
-    model_dir = Path(model_dir)
-    fields = _identity_fields(json.loads((model_dir / "config.json").read_text()))
-    projection_keys(list(_checkpoint_tensor_files(model_dir)), fields["num_hidden_layers"])
+    _projection_tensors(Path(model_dir))
 
 
 def identity_from_checkpoint(model_dir: str | Path, name: str | None = None) -> BaseModelIdentity:
@@ -242,11 +247,9 @@ def identity_from_checkpoint(model_dir: str | Path, name: str | None = None) -> 
     Raises :class:`UnsupportedModelError` when the config lacks the layout fields, or the checkpoint has no
     safetensors or no output projection per decoder layer (:func:`projection_keys`)."""
     model_dir = Path(model_dir)
-    config = json.loads((model_dir / "config.json").read_text())
-    fields = _identity_fields(config)
-    files = _checkpoint_tensor_files(model_dir)
+    fields, files, keys = _projection_tensors(model_dir)
     weights = []
-    for key in projection_keys(list(files), fields["num_hidden_layers"]):
+    for key in keys:
         with safe_open(files[key], framework="pt") as handle:
             weights.append(handle.get_tensor(key))
     return BaseModelIdentity(name_or_path=name or str(model_dir), fingerprint=_fingerprint(fields, weights),

@@ -55,12 +55,17 @@ def test_fingerprint_ignores_the_load_dtype_of_exact_weights(stories_dir, storie
     assert identity_from_model(model, "x").fingerprint == stories_identity.fingerprint
 
 
+def without_o_proj(stories_dir: Path, directory: Path, layer: int) -> Path:
+    """A copy of the stories checkpoint in ``directory`` without layer ``layer``'s o_proj weight."""
+    shutil.copytree(stories_dir, directory)
+    tensors = load_file(str(directory / "model.safetensors"))
+    tensors.pop(f"model.layers.{layer}.self_attn.o_proj.weight")
+    save_file(tensors, str(directory / "model.safetensors"))
+    return directory
+
+
 def test_checkpoint_without_o_proj_is_refused(stories_dir, tmp_path):
-    dst = tmp_path / "m"
-    shutil.copytree(stories_dir, dst)
-    tensors = load_file(str(dst / "model.safetensors"))
-    tensors.pop("model.layers.2.self_attn.o_proj.weight")
-    save_file(tensors, str(dst / "model.safetensors"))
+    dst = without_o_proj(stories_dir, tmp_path / "m", 2)
     with pytest.raises(UnsupportedModelError, match="o_proj"):
         identity_from_checkpoint(dst)
 
@@ -115,10 +120,6 @@ def test_a_checkpoint_is_checked_from_its_config_and_tensor_names(stories_dir, t
     from lofit.heads import check_checkpoint
 
     check_checkpoint(stories_dir)
-    dst = tmp_path / "m"
-    shutil.copytree(stories_dir, dst)
-    tensors = load_file(str(dst / "model.safetensors"))
-    tensors.pop("model.layers.4.self_attn.o_proj.weight")
-    save_file(tensors, str(dst / "model.safetensors"))
+    dst = without_o_proj(stories_dir, tmp_path / "m", 4)
     with pytest.raises(UnsupportedModelError, match="tensor model.layers.4.self_attn.o_proj.weight not found"):
         check_checkpoint(dst)
