@@ -24,7 +24,7 @@ from safetensors import safe_open
 # Other decoders whose attention feeds a contiguous-heads output projection are steered the same way.
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
                            "Qwen3MoeForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Phi3ForCausalLM",
-                           "GraniteForCausalLM")
+                           "GraniteForCausalLM", "Idefics3ForConditionalGeneration")
 
 # where a decoder layer keeps its attention block, and what the block calls its output projection
 ATTENTION_NAMES = ("self_attn", "attn", "attention")

@@ -25,15 +25,22 @@ def load_model(model_dir: str | Path, dtype: str, device: str):
     """``(tokenizer, model)`` from a local Hugging Face checkpoint directory; the model frozen
     (``requires_grad_(False)``) in ``dtype`` (a torch dtype name, e.g. ``"float32"``) on ``device``.
 
+    A causal LM loads with ``AutoModelForCausalLM``; a multimodal checkpoint that transformers does not map
+    there (LLaVA, ...) with ``AutoModelForImageTextToText``: it takes text-only inputs the same way, and LoFiT
+    steers its text decoder only (:func:`lofit.heads.o_proj_modules`).
+
     Raises ``FileNotFoundError`` when ``model_dir`` has no ``config.json``."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     path = Path(model_dir)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"--model {model_dir}: not a Hugging Face checkpoint directory (no config.json); "
                                 "run scripts/setup.sh to prepare the default model")
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(device)
+    config = AutoConfig.from_pretrained(path)
+    auto = AutoModelForCausalLM if type(config) in MODEL_FOR_CAUSAL_LM_MAPPING else AutoModelForImageTextToText
+    model = auto.from_pretrained(path, dtype=getattr(torch, dtype)).to(device)
     model.requires_grad_(False)
     return tokenizer, model
 

@@ -20,6 +20,7 @@ import numpy as np
 from lofit.vllm.admission import loaded_adapters
 from lofit.vllm.architectures import is_lofit_model
 from lofit.vllm.contract import (
+    RPC_FULL_GRAPH_REPLAYS,
     RPC_LIST,
     RPC_LOAD_SELF_TEST,
     RPC_STATUS,
@@ -109,6 +110,22 @@ def distance(a: Trace, b: Trace) -> float:
     return worst
 
 
+def expects_full_graph(vllm_config: Any, batch_size: int) -> bool:
+    """Whether a decode step of ``batch_size`` requests should replay a FULL CUDA graph in this engine: a CUDA
+    (or ROCm) platform, graphs not disabled (``enforce_eager``), a FULL mode for decode batches (vLLM's default
+    ``FULL_AND_PIECEWISE``), no speculative decoding (its decode batches take several tokens per request) and
+    ``batch_size`` within the captured sizes (``vllm/config/compilation.py``; gpu-readiness §2)."""
+    from vllm.config import CUDAGraphMode
+    from vllm.platforms import current_platform
+
+    compilation = vllm_config.compilation_config
+    mode = compilation.cudagraph_mode
+    return bool(current_platform.is_cuda_alike() and not vllm_config.model_config.enforce_eager
+                and mode is not None and mode.decode_mode() == CUDAGraphMode.FULL
+                and vllm_config.speculative_config is None
+                and batch_size <= (compilation.max_cudagraph_capture_size or 0))
+
+
 def self_test(core: Any, tolerance: float | None = None) -> dict[str, float]:
     """Steering must be applied, per request, in a mixed batch. Raises :class:`SelfTestError`.
 
@@ -118,6 +135,8 @@ def self_test(core: Any, tolerance: float | None = None) -> dict[str, float]:
     each must match within ``tolerance`` (nats; default 1e-3 in float32, 0.1 otherwise, or
     ``LOFIT_SELF_TEST_TOLERANCE``), or steering leaks across requests; and each steered request run that way
     must differ from the plain one by more than ``max(10 * tolerance, 0.5)``, or steering is not applied.
+    Where a decode batch of 3 should replay a FULL CUDA graph (:func:`expects_full_graph`), at least one such
+    replay must have happened during the test, or the test did not see the path most tokens take.
     """
     loaded = loaded_adapters(core)
     if loaded is None:
@@ -130,6 +149,7 @@ def self_test(core: Any, tolerance: float | None = None) -> dict[str, float]:
     prompt = [(7 + 31 * i) % vocab for i in range(12)]
     tag = uuid.uuid4().hex[:8]
     choices = {"steered": SELF_TEST_ADAPTER, "plain": None, "negated": {SELF_TEST_ADAPTER: -1.0}}
+    replays_before = sum(core.model_executor.collective_rpc(RPC_FULL_GRAPH_REPLAYS))
     # fresh content each time, so a bank row is written (not reused) and the whole path is exercised
     info = core.model_executor.collective_rpc(RPC_LOAD_SELF_TEST, args=(uuid.uuid4().int % 2**31,))[0]
     loaded[SELF_TEST_ADAPTER] = info["content_sha256"]
@@ -143,18 +163,24 @@ def self_test(core: Any, tolerance: float | None = None) -> dict[str, float]:
         core.model_executor.collective_rpc(RPC_UNLOAD, args=(SELF_TEST_ADAPTER,))
         loaded.pop(SELF_TEST_ADAPTER, None)
 
+    replays = sum(core.model_executor.collective_rpc(RPC_FULL_GRAPH_REPLAYS)) - replays_before
+    if replays == 0 and expects_full_graph(core.vllm_config, len(choices)):
+        raise SelfTestError("LoFiT self-test: this engine replays FULL CUDA graphs for decode batches, but none was "
+                            "replayed while the test ran, so it could not check the path most tokens take")
     leaks = {key: distance(mixed[f"{key}-{tag}"], alone[key]) for key in choices}
     worst = max(leaks, key=leaks.get)
     if leaks[worst] > tolerance:
         raise SelfTestError(f"LoFiT self-test: the {worst} request's log-probs in a mixed batch differ by "
                             f"{leaks[worst]:.3g} (> {tolerance}) from the same request next to plain ones; "
-                            "steering leaks across requests")
+                            "steering leaks across requests" + (
+                                ", or this model's kernels are not batch-invariant on this platform (the plain "
+                                "request moved)" if worst == "plain" else ""))
     moved = {key: distance(alone[key], alone["plain"]) for key in ("steered", "negated")}
     weakest = min(moved, key=moved.get)
     if moved[weakest] <= max(10 * tolerance, 0.5):
         raise SelfTestError(f"LoFiT self-test: a strongly steered ({weakest}) request changed the log-probs by "
                             f"only {moved[weakest]:.3g}; steering is not applied")
-    logger.info("LoFiT self-test passed (%d requests x %d tokens): steered log-probs moved by %.3g, a mixed "
-                "batch differs from one request's own run by %.3g (tolerance %g)", len(choices), STEPS,
-                moved[weakest], leaks[worst], tolerance)
-    return {"unsteered_change": leaks[worst], "steered_change": moved[weakest]}
+    logger.info("LoFiT self-test passed (%d requests x %d tokens, %d FULL CUDA-graph replays): steered log-probs "
+                "moved by %.3g, a mixed batch differs from one request's own run by %.3g (tolerance %g)",
+                len(choices), STEPS, replays, moved[weakest], leaks[worst], tolerance)
+    return {"unsteered_change": leaks[worst], "steered_change": moved[weakest], "full_graph_replays": replays}

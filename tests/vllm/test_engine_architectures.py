@@ -21,6 +21,7 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 from lofit.adapter import LofitAdapter  # noqa: E402
 from lofit.default_model import default_model_dir  # noqa: E402
 from lofit.heads import identity_from_checkpoint  # noqa: E402
+from lofit.hf import load_model  # noqa: E402
 from lofit.intervene import apply_adapters, combine  # noqa: E402
 
 PROMPTS = ["Once upon a time there was a little girl who", "The capital of France is",
@@ -47,20 +48,51 @@ FAMILIES = {
     "phi3": ("Phi3Config", "Phi3ForCausalLM", {}),
     "granite": ("GraniteConfig", "GraniteForCausalLM", {}),
 }
+# DeepSeek-V2 (multi-head latent attention: o_proj takes heads x v_head_dim); the CPU MLA kernel supports only
+# a latent width of 576 (kv_lora_rank 512 + qk_rope_head_dim 64)
+MLA = ("DeepseekV2Config", "DeepseekV2ForCausalLM", {
+    "num_key_value_heads": 4, "kv_lora_rank": 512, "q_lora_rank": None, "qk_nope_head_dim": 32,
+    "qk_rope_head_dim": 64, "v_head_dim": 32, "n_routed_experts": 4, "num_experts_per_tok": 2,
+    "moe_intermediate_size": 64, "first_k_dense_replace": 1, "n_shared_experts": 1, "topk_method": "greedy",
+    "n_group": 1, "topk_group": 1})
 
 
 def tiny_checkpoint(directory: Path, family: str) -> Path:
     """A random checkpoint of ``family`` with SmolLM2's tokenizer, saved in float32."""
     import transformers
 
-    config_name, model_name, extra = FAMILIES[family]
+    config_name, model_name, extra = MLA if family == "deepseek_v2" else FAMILIES[family]
     tokenizer = transformers.AutoTokenizer.from_pretrained(default_model_dir())
     config = getattr(transformers, config_name)(vocab_size=len(tokenizer), bos_token_id=1, eos_token_id=2,
                                                 pad_token_id=0, **{**SHAPE, **extra})
-    torch.manual_seed(list(FAMILIES).index(family) + 1)
+    torch.manual_seed(list(FAMILIES).index(family) + 1 if family in FAMILIES else 99)
     model = getattr(transformers, model_name)(config).to(torch.float32)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
+    return directory
+
+
+def tiny_vision_language_checkpoint(directory: Path) -> Path:
+    """A random Idefics3 (SmolVLM's architecture) checkpoint: a 2-layer SigLIP-style vision encoder, whose
+    attention has ``out_proj`` layers of its own, and a Llama text decoder of :data:`SHAPE`; with a processor."""
+    import transformers
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(default_model_dir(), extra_special_tokens={
+        "image_token": "<image>", "fake_image_token": "<fake_token_around_image>",
+        "global_image_token": "<global-img>"})
+    text = transformers.LlamaConfig(vocab_size=len(tokenizer), bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                                    **SHAPE)
+    vision = transformers.Idefics3VisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                               num_attention_heads=2, image_size=32, patch_size=16)
+    config = transformers.Idefics3Config(text_config=text, vision_config=vision, scale_factor=2,
+                                         image_token_id=tokenizer.image_token_id, tie_word_embeddings=False)
+    torch.manual_seed(11)
+    transformers.Idefics3ForConditionalGeneration(config).to(torch.float32).save_pretrained(directory)
+    image_processor = transformers.Idefics3ImageProcessor(size={"longest_edge": 32}, do_image_splitting=False,
+                                                           max_image_size={"longest_edge": 32})
+    transformers.Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=1,
+                                   chat_template="{% for m in messages %}{{ m['content'] }}{% endfor %}",
+                                   ).save_pretrained(directory)
     return directory
 
 
@@ -80,10 +112,8 @@ CASES = [  # (extra_args, [(adapter key, strength)])
 
 
 def reference_tokens(model_dir: Path, adapters: dict[str, LofitAdapter]) -> list[list[int]]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer, model = load_model(model_dir, "float32", "cpu")
+    model.eval()
     out = []
     for i, (_, parts) in enumerate(CASES):
         ids = tokenizer(PROMPTS[i % len(PROMPTS)], return_tensors="pt").input_ids
@@ -94,14 +124,28 @@ def reference_tokens(model_dir: Path, adapters: dict[str, LofitAdapter]) -> list
     return out
 
 
-def engine_tokens(model_dir: Path, architecture: str, adapters: dict[str, LofitAdapter], tmp_path: Path,
-                  **engine_args) -> list[list[int]]:
-    from vllm import LLM, SamplingParams
+def start_engine(model_dir: Path, architecture: str, **engine_args):
+    """A ``vllm.LLM`` for ``model_dir`` served as ``architecture``; a refused start cleans up vLLM's distributed
+    state (left behind otherwise), so the next engine of the module can start."""
+    from vllm import LLM
     from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
 
-    llm = LLM(str(model_dir), hf_overrides={"architectures": [architecture]}, dtype="float32",
-              gpu_memory_utilization=0.1, max_model_len=256, max_num_seqs=8, enforce_eager=True, seed=0,
-              **engine_args)
+    try:
+        return LLM(str(model_dir), **{**dict(hf_overrides={"architectures": [architecture]}, dtype="float32",
+                                             gpu_memory_utilization=0.1, max_model_len=256, max_num_seqs=8,
+                                             enforce_eager=True, seed=0), **engine_args})
+    except BaseException:
+        gc.collect()
+        destroy_model_parallel()
+        destroy_distributed_environment()
+        raise
+
+
+def engine_tokens(model_dir: Path, architecture: str, adapters: dict[str, LofitAdapter], tmp_path: Path,
+                  **engine_args) -> list[list[int]]:
+    from vllm import SamplingParams
+
+    llm = start_engine(model_dir, architecture, **engine_args)
     try:
         for key, adapter in adapters.items():
             path = adapter.save(tmp_path / key)
@@ -112,10 +156,17 @@ def engine_tokens(model_dir: Path, architecture: str, adapters: dict[str, LofitA
         prompts = [PROMPTS[i % len(PROMPTS)] for i in range(len(CASES))]
         return [list(o.outputs[0].token_ids) for o in llm.generate(prompts, params, use_tqdm=False)]
     finally:
-        del llm
-        gc.collect()
-        destroy_model_parallel()
-        destroy_distributed_environment()
+        stop_engine(llm)
+
+
+def stop_engine(llm) -> None:
+    """Shut ``llm`` down so that the next engine of this process can start."""
+    from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
+
+    del llm
+    gc.collect()
+    destroy_model_parallel()
+    destroy_distributed_environment()
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -126,7 +177,8 @@ def _needs_tokenizer(prepared_model_dir):
 def test_every_checked_family_is_listed_here():
     from lofit.heads import SUPPORTED_ARCHITECTURES
 
-    assert sorted(model for _, model, _ in FAMILIES.values()) == sorted(SUPPORTED_ARCHITECTURES)
+    checked = [model for _, model, _ in FAMILIES.values()] + ["Idefics3ForConditionalGeneration"]
+    assert sorted(checked) == sorted(SUPPORTED_ARCHITECTURES)
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -151,9 +203,84 @@ def test_tensor_parallel_ranks_steer_their_own_heads(tmp_path, monkeypatch):
 
 
 def test_lora_in_the_same_engine_is_refused_at_start(tmp_path):
-    from vllm import LLM
-
     model_dir = tiny_checkpoint(tmp_path / "llama", "llama")
     with pytest.raises(Exception, match=r"LoFiT cannot steer correctly with LoRA \(--enable-lora\)"):
-        LLM(str(model_dir), hf_overrides={"architectures": ["LofitLlamaForCausalLM"]}, dtype="float32",
-            gpu_memory_utilization=0.1, max_model_len=256, max_num_seqs=8, enforce_eager=True, enable_lora=True)
+        start_engine(model_dir, "LofitLlamaForCausalLM", enable_lora=True)
+
+
+def test_mla_is_served_exactly_or_refused_by_the_self_test(tmp_path):
+    """DeepSeek-V2's MLA: the wrapper finds every layer's o_proj (heads x v_head_dim wide) and the engine then
+    either serves the mixed batch exactly or refuses to start; it never serves a wrong batch. vLLM 0.32's CPU
+    MLA backend gives different tokens to identical prompts in one batch, even without LoFiT, so on CPU the
+    self-test refuses (a GPU's MLA backends are expected to pass it)."""
+    from lofit.vllm.selftest import SelfTestError
+
+    model_dir = tiny_checkpoint(tmp_path / "deepseek_v2", "deepseek_v2")
+    adapters = {"A": random_adapter(model_dir, "A", [(0, 1), (1, 3), (2, 0)], seed=1),
+                "B": random_adapter(model_dir, "B", [(0, 1), (2, 2)], seed=2)}
+    expected = reference_tokens(model_dir, adapters)
+    assert len({tuple(t) for t in expected}) >= 4, "the adapters must change the greedy tokens"
+    try:
+        got = engine_tokens(model_dir, "LofitDeepseekV2ForCausalLM", adapters, tmp_path,
+                            attention_backend="CPU_MLA")  # the AMX MLA backend needs bf16 weights
+    except SelfTestError as error:
+        assert "steering leaks across requests" in str(error)
+    else:
+        assert got == expected
+
+
+def test_a_restart_with_the_compile_cache_steers_exactly_and_never_takes_the_stock_graph(tmp_path, monkeypatch):
+    """vLLM's compile cache (``VLLM_CACHE_ROOT/torch_compile_cache/torch_aot_compile/<key>``): a compiled engine
+    restarted on the same cache finds its own entry (same key) and serves the mixed batch exactly; the stock
+    model's entry has another key, so a graph without the steering is never loaded for a LoFiT model.
+    vLLM 0.32's CPU build cannot load its own AOT artefacts ("'function' object has no attribute
+    'finalize_loading'", stock models too) and compiles again; where it can, the loaded graph is checked."""
+    import vllm.envs
+    from vllm.compilation.counter import compilation_counter
+
+    monkeypatch.setenv("VLLM_CACHE_ROOT", str(tmp_path / "cache"))
+    vllm.envs.disable_envs_cache()  # an earlier engine of this process froze vLLM's environment
+    entries = tmp_path / "cache" / "torch_compile_cache" / "torch_aot_compile"
+    model_dir = tiny_checkpoint(tmp_path / "llama", "llama")
+    adapters = {"A": random_adapter(model_dir, "A", [(0, 1), (1, 3), (2, 0)], seed=1),
+                "B": random_adapter(model_dir, "B", [(0, 1), (2, 2)], seed=2)}
+    expected = reference_tokens(model_dir, adapters)
+    compiled = {"enforce_eager": False}
+
+    assert engine_tokens(model_dir, "LofitLlamaForCausalLM", adapters, tmp_path, **compiled) == expected
+    steered_key = {p.name for p in entries.iterdir()}
+    assert len(steered_key) == 1, "the first start must save its compiled graph"
+    loaded = compilation_counter.num_aot_artifacts_loaded
+    assert engine_tokens(model_dir, "LofitLlamaForCausalLM", adapters, tmp_path, **compiled) == expected
+    assert {p.name for p in entries.iterdir()} == steered_key, "a restart must look up the same entry"
+    print(f"restart loaded the compiled graph: {compilation_counter.num_aot_artifacts_loaded > loaded}")
+
+    vllm.envs.disable_envs_cache()
+    stop_engine(start_engine(model_dir, "LlamaForCausalLM", **compiled))
+    assert len({p.name for p in entries.iterdir()} - steered_key) == 1, "the stock model must get its own entry"
+
+
+def _steered_modules(worker) -> dict[str, str]:
+    return {name: type(module).__name__ for name, module in worker.model_runner.model.named_modules()
+            if name.endswith(("o_proj", "out_proj"))}
+
+
+def test_a_vision_language_checkpoint_steers_its_text_decoder_only(tmp_path):
+    """Idefics3 (SmolVLM) served with its vision encoder built: only the text decoder's o_proj layers are
+    steered (the encoder's out_proj layers keep vLLM's class), and text requests in a mixed batch equal the
+    transformers reference (which loads it as an image-text-to-text model)."""
+    model_dir = tiny_vision_language_checkpoint(tmp_path / "idefics3")
+    adapters = {"A": random_adapter(model_dir, "A", [(0, 1), (1, 3), (2, 0)], seed=1),
+                "B": random_adapter(model_dir, "B", [(0, 1), (2, 2)], seed=2)}
+    expected = reference_tokens(model_dir, adapters)
+    assert len({tuple(t) for t in expected}) >= 4, "the adapters must change the greedy tokens"
+    llm = start_engine(model_dir, "LofitIdefics3ForConditionalGeneration")
+    try:
+        [projections] = llm.collective_rpc(_steered_modules)
+    finally:
+        stop_engine(llm)
+    text = {f"model.text_model.layers.{i}.self_attn.o_proj" for i in range(3)}
+    vision = {name for name in projections if "vision_model" in name}
+    assert len(vision) == 2, f"the vision encoder must be built: {projections}"
+    assert {name for name, cls in projections.items() if cls.startswith("Lofit")} == text
+    assert engine_tokens(model_dir, "LofitIdefics3ForConditionalGeneration", adapters, tmp_path) == expected
