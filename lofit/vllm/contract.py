@@ -45,6 +45,7 @@ RPC_LIST = "lofit_list"  # () -> {name: content_sha256}
 RPC_STATUS = "lofit_status"  # () -> {"bank": bool, "base": BaseModelIdentity dict | None, "runner": "v1"|"v2"|
 #                                     "unknown", "hook": bool, "class": str}
 RPC_LOAD_SELF_TEST = "lofit_load_self_test"  # (seed: int) -> like RPC_LOAD, under SELF_TEST_ADAPTER
+RPC_FULL_GRAPH_REPLAYS = "lofit_full_graph_replays"  # () -> int: FULL CUDA-graph launches in the worker so far
 SELF_TEST_ADAPTER = "__lofit_self_test__"
 
 # -- 2. combinations and the prefix-cache salt ------------------------------------------------------------

@@ -18,7 +18,9 @@ The inventory of vLLM 0.32 symbols touched here (``tests/vllm/test_vllm_surface.
   request in the output processor (``output_processor.request_states``, ``abort_requests(ids, internal=True)``).
 
 The worker-side patches are in :mod:`lofit.vllm.worker` (RPC methods on ``WorkerBase``) and
-:mod:`lofit.vllm.runner_v1` / :mod:`lofit.vllm.runner_v2` (the per-token row hooks).
+:mod:`lofit.vllm.runner_v1` / :mod:`lofit.vllm.runner_v2` (the per-token row hooks), and
+:mod:`lofit.vllm.graph_replays` (``CUDAGraphWrapper.__call__`` and V2's ``CudaGraphManager.run_fullgraph``
+counted for the self-test).
 """
 
 from __future__ import annotations

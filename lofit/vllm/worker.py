@@ -60,6 +60,12 @@ class LofitWorkerMethods:
         base = active_bank().base.to_dict() if has_bank() else None
         return {"bank": has_bank(), "base": base, **runner_status(self.model_runner)}
 
+    def lofit_full_graph_replays(self) -> int:
+        """FULL CUDA-graph launches in this worker so far (:mod:`lofit.vllm.graph_replays`)."""
+        from lofit.vllm.graph_replays import full_graph_replays
+
+        return full_graph_replays()
+
     def lofit_load_self_test(self, seed: int = 0) -> dict[str, Any]:
         """Load a strong random adapter on every head (same ``seed``, same content on every rank)."""
         bank = active_bank()

@@ -115,3 +115,18 @@ def test_engine_settings_the_wrappers_refuse_are_read_from_these_fields():
     assert not ParallelConfig().use_ubatching
     assert "enable_sleep_mode" in ModelConfig.__dataclass_fields__
     assert "lora_config" in VllmConfig.__dataclass_fields__
+
+
+def test_full_graph_replay_points_the_self_test_counts():
+    from vllm.compilation.cuda_graph import CUDAGraphWrapper
+    from vllm.config import CompilationConfig, CUDAGraphMode
+    from vllm.forward_context import ForwardContext, get_forward_context, is_forward_context_available  # noqa: F401
+    from vllm.v1.worker.gpu.cudagraph_utils import CudaGraphManager
+    from vllm.v1.worker.gpu.model_runner import GPUModelRunner as V2Runner
+
+    assert params_of(CudaGraphManager.run_fullgraph)[:2] == ["self", "desc"]
+    assert "cudagraph_manager.run_fullgraph(" in inspect.getsource(V2Runner), "V2 replays FULL graphs elsewhere"
+    assert "self.runtime_mode" in inspect.getsource(CUDAGraphWrapper)
+    assert "cudagraph_runtime_mode" in ForwardContext.__dataclass_fields__
+    assert CUDAGraphMode.FULL_AND_PIECEWISE.decode_mode() == CUDAGraphMode.FULL
+    assert {"cudagraph_mode", "max_cudagraph_capture_size"} <= set(CompilationConfig.__dataclass_fields__)
