@@ -193,9 +193,6 @@ class LofitModelMixin:
         if is_hybrid(base) or is_attention_free(base) or has_inner_state(base):
             raise ValueError(f"LoFiT steers attention heads at every layer; {base.__name__} is a hybrid, recurrent "
                              f"or attention-free model and is not supported ({SUPPORTED})")
-        if hasattr(base, "get_model_state_cls"):  # its own V2 runner state, which LofitModelState would replace
-            raise ValueError(f"{base.__name__} brings its own model-runner state, which LoFiT cannot combine with "
-                             f"its per-token rows yet; not supported ({SUPPORTED})")
         reasons = unsupported_settings(vllm_config)
         if reasons:
             raise ValueError("LoFiT cannot steer correctly with " + "; ".join(reasons))
@@ -203,15 +200,17 @@ class LofitModelMixin:
         preload_adapters(bank, os.environ.get("LOFIT_ADAPTERS"))
         install_bank(bank)
         super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self.lofit_vllm_config = vllm_config  # for get_model_state_cls, which vLLM calls without it
         layout = bank.base.layout
         steer_o_proj(self, layout.num_layers, layout.num_heads // get_tensor_model_parallel_world_size())
 
-    @staticmethod
-    def get_model_state_cls() -> type:
-        """The V2 model runner's state for this model: it fills the bank's token rows before every forward."""
-        from lofit.vllm.runner_v2 import LofitModelState
+    def get_model_state_cls(self) -> type:
+        """The V2 model runner's state for this model: the state vLLM would choose for the stock model, composed
+        with LoFiT's, which fills the bank's token rows before every forward (:func:`~lofit.vllm.runner_v2.
+        model_state_cls`)."""
+        from lofit.vllm.runner_v2 import model_state_cls
 
-        return LofitModelState
+        return model_state_cls(self.lofit_vllm_config, self, getattr(super(), "get_model_state_cls", None))
 
 
 def wrapper_class(base: type) -> type:

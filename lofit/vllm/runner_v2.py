@@ -1,7 +1,9 @@
 """Thin adapter for vLLM's V2 model runner (MRV2, the GPU default): fill the bank's token rows on device.
 
-MRV2 asks the model for its ``ModelState`` class (``get_model_state_cls``). :class:`LofitModelState` is the
-default state plus one bank row per persistent request slot: ``add_request`` resolves a request's
+MRV2 asks the model for its ``ModelState`` class (``get_model_state_cls``). LoFiT answers with the state vLLM
+would have chosen for the stock model (the model's own, else vLLM's resolver: default, encoder-decoder, ...;
+:func:`model_state_cls`) composed with :class:`LofitModelStateMixin`, which adds one bank row per persistent
+request slot: ``add_request`` resolves a request's
 ``extra_args`` to a bank row once and writes it into ``slot_rows[req_index]``; ``prepare_inputs``, which
 MRV2 calls before every forward, expands it to one row per token with a gather and a ``searchsorted``, with
 no host sync. MRV2 re-sorts the batch every step, so the batch order is read from ``idx_mapping`` each time.
@@ -9,6 +11,7 @@ no host sync. MRV2 re-sorts the batch every step, so the batch order is read fro
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -17,14 +20,16 @@ from vllm.config import VllmConfig
 from vllm.v1.core.sched.output import NewRequestData
 from vllm.v1.worker.gpu.input_batch import InputBatch
 from vllm.v1.worker.gpu.mm.encoder_cache import EncoderCache
+from vllm.v1.worker.gpu.model_states import resolve_model_state_cls
 from vllm.v1.worker.gpu.model_states.default import DefaultModelState
+from vllm.v1.worker.gpu.model_states.interface import ModelState
 from vllm.v1.worker.gpu.states import RequestState
 
 from lofit.vllm.bank import AdapterBank, RequestRows, active_bank, fill_token_rows_v2
 
 
-class LofitModelState(DefaultModelState):
-    """MRV2 model state of a LoFiT model: the default state, plus each request slot's bank row."""
+class LofitModelStateMixin:
+    """Composed before a vLLM ``ModelState`` class: that state, plus each request slot's bank row."""
 
     def __init__(self, vllm_config: VllmConfig, model: nn.Module, encoder_cache: EncoderCache | None,
                  device: torch.device) -> None:
@@ -65,6 +70,34 @@ class LofitModelState(DefaultModelState):
         return model_inputs
 
 
+_STATE_CLASSES: dict[type, type] = {}
+
+
+def lofit_state_class(base: type[ModelState]) -> type[ModelState]:
+    """``Lofit<base>``: the vLLM model state ``base`` with LoFiT's per-slot bank rows (made once per class)."""
+    if base not in _STATE_CLASSES:
+        _STATE_CLASSES[base] = type(f"Lofit{base.__name__}", (LofitModelStateMixin, base), {"__module__": __name__})
+    return _STATE_CLASSES[base]
+
+
+LofitModelState = lofit_state_class(DefaultModelState)  # what a plain decoder gets
+
+
+class _ModulesOnly:
+    """The model as vLLM's resolver would see it without LoFiT: its modules, no ``get_model_state_cls``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.modules = model.modules
+
+
+def model_state_cls(vllm_config: VllmConfig, model: nn.Module, own: Callable[[], type] | None) -> type[ModelState]:
+    """The MRV2 state class for a LoFiT model: the stock model's own state (``own``, its
+    ``get_model_state_cls``) or else the one vLLM's ``resolve_model_state_cls``
+    (``vllm/v1/worker/gpu/model_states/__init__.py``) picks for its modules and config, with the bank rows."""
+    base = own() if own is not None else resolve_model_state_cls(vllm_config, _ModulesOnly(model))
+    return lofit_state_class(base)
+
+
 def hook_installed(model_runner: Any) -> bool:
-    """Whether a V2 model runner (``vllm.v1.worker.gpu.model_runner.GPUModelRunner``) uses the LoFiT state."""
-    return isinstance(getattr(model_runner, "model_state", None), LofitModelState)
+    """Whether a V2 model runner (``vllm.v1.worker.gpu.model_runner.GPUModelRunner``) uses a LoFiT state."""
+    return isinstance(getattr(model_runner, "model_state", None), LofitModelStateMixin)

@@ -32,7 +32,6 @@ def test_a_wrapper_is_made_for_every_checked_architecture():
     ("MambaForCausalLM", "MambaForCausalLM is a hybrid, recurrent or attention-free model"),
     ("Qwen3NextForCausalLM", "Qwen3NextForCausalLM is a hybrid, recurrent or attention-free model"),
     ("JambaForCausalLM", "JambaForCausalLM is a hybrid, recurrent or attention-free model"),
-    ("LongcatFlashNgramForCausalLM", "brings its own model-runner state"),
 ])
 def test_models_lofit_cannot_steer_are_refused_before_they_are_built(arch, message):
     from lofit.vllm import models

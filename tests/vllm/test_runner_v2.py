@@ -23,6 +23,7 @@ from vllm.v1.worker.gpu.model_states.default import DefaultModelState
 from lofit.adapter import LofitAdapter
 from lofit.heads import BaseModelIdentity
 from lofit.vllm import bank as bank_module
+from lofit.vllm import runner_v2
 from lofit.vllm.bank import AdapterBank, fill_token_rows_v2, install_bank
 from lofit.vllm.runner_v2 import LofitModelState, hook_installed
 
@@ -195,13 +196,52 @@ def test_model_state_tracks_rows_per_slot_and_fills_token_rows(vllm_config, bank
     assert not bank.token_rows.any()
 
 
+def _unbuilt(wrapper: type, vllm_config: VllmConfig) -> torch.nn.Module:
+    """An instance of a ``Lofit<Arch>`` wrapper without vLLM's layers (MRV2's resolver only looks at the
+    modules, the config and ``get_model_state_cls``)."""
+    model = wrapper.__new__(wrapper)
+    torch.nn.Module.__init__(model)
+    model.lofit_vllm_config = vllm_config
+    return model
+
+
 def test_the_model_selects_the_state_and_hook_installed_sees_it(vllm_config, bank):
     from lofit.vllm.models import LofitLlamaForCausalLM
 
-    # vLLM's own resolver, called on an instance as MRV2 does (no weights needed: it only looks the method up)
-    model = LofitLlamaForCausalLM.__new__(LofitLlamaForCausalLM)
+    # vLLM's own resolver, called on an instance as MRV2 does
+    model = _unbuilt(LofitLlamaForCausalLM, vllm_config)
     assert resolve_model_state_cls(vllm_config, model) is LofitModelState
+    assert issubclass(LofitModelState, DefaultModelState)
     state = LofitModelState(vllm_config, torch.nn.Module(), None, CPU)
     assert hook_installed(SimpleNamespace(model_state=state))
     assert not hook_installed(SimpleNamespace(model_state=DefaultModelState(vllm_config, torch.nn.Module(), None, CPU)))
     assert not hook_installed(SimpleNamespace())
+
+
+def test_a_model_with_its_own_state_gets_it_composed_with_the_rows(vllm_config, bank, buffers):
+    """A stock model that brings its own MRV2 state keeps it: LoFiT's rows are added on top, and the own
+    state's inputs still reach the model."""
+    from vllm.model_executor.models.longcat_flash_ngram import LongcatNgramModelState
+
+    from lofit.vllm import models
+
+    resolved = resolve_model_state_cls(vllm_config, _unbuilt(models.LofitLongcatFlashNgramForCausalLM, vllm_config))
+    assert issubclass(resolved, LongcatNgramModelState) and issubclass(resolved, runner_v2.LofitModelStateMixin)
+
+    class OwnState(DefaultModelState):
+        def prepare_inputs(self, input_batch, req_states):
+            return {**super().prepare_inputs(input_batch, req_states), "own_input": input_batch.num_tokens}
+
+    class Own(torch.nn.Module):
+        @staticmethod
+        def get_model_state_cls():
+            return OwnState
+
+    state_cls = resolve_model_state_cls(vllm_config, _unbuilt(models.wrapper_class(Own), vllm_config))
+    assert state_cls.__mro__[1:3] == (runner_v2.LofitModelStateMixin, OwnState)
+    state = state_cls(vllm_config, torch.nn.Module(), None, CPU)
+    state.add_request(2, new_request("a1", {"lofit_adapter": "a"}))
+    batch = make_batch(buffers, slots=[2], query_lens=[3], num_padded=4)
+    assert state.prepare_inputs(batch, None) == {"own_input": 3}
+    row_a = int(state.slot_rows[2])
+    assert row_a > 0 and bank.token_rows[:4].tolist() == [row_a] * 3 + [0]
