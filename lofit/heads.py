@@ -163,8 +163,10 @@ def _identity_fields(config: dict[str, Any]) -> dict[str, Any]:
     missing = [k for k in ("num_hidden_layers", "num_attention_heads", "hidden_size", "vocab_size") if k not in config]
     if missing:
         raise UnsupportedModelError(
-            f"{_architecture(config)}: config lacks {missing}; LoFiT supports Llama-style models "
-            f"({', '.join(SUPPORTED_ARCHITECTURES)})")
+            f"{_architecture(config)}: config.json has no {', '.join(missing)}; LoFiT reads a decoder's layout from "
+            "these standard transformers fields and its heads from layers.N.<self_attn|attn|attention>.<o_proj|"
+            "out_proj|dense|wo> tensors, so models that name them otherwise (GPT-2's n_layer / h.N.attn.c_proj, "
+            f"...) are not supported; checked: {', '.join(SUPPORTED_ARCHITECTURES)}")
     return {
         "architecture": _architecture(config),
         "num_hidden_layers": int(config["num_hidden_layers"]),

@@ -148,6 +148,9 @@ async def start(app: FastAPI, state: ServerState) -> None:
                         LiveRequests(state.engine.live_requests, settings.max_adapters, settings.base_name)]
     for collector in state.collectors:
         get_prometheus_registry().register(collector)
+    if not settings.adapters_dir.is_dir():
+        log.warning("adapters directory %s does not exist: serving no adapters until one is uploaded",
+                    settings.adapters_dir)
     for name in state.registry.names_on_disk():
         try:
             await state.registry.load(name)

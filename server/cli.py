@@ -87,8 +87,16 @@ def parse(argv: list[str] | None = None) -> Settings:
     except ValueError as exc:
         parser.exit(2, f"lofit-serve: LOFIT_ENGINE_ARGS cannot be parsed ({exc})\n")
     if not (args.model / "config.json").is_file():
-        parser.exit(2, f"lofit-serve: {args.model} is not a model directory (no config.json); run "
-                       "scripts/setup.sh to prepare the default model\n")
+        from lofit.default_model import default_model_dir
+
+        if args.model.resolve() == default_model_dir().resolve():
+            why = "the default model is not prepared yet: run scripts/setup.sh"
+        elif not args.model.exists():
+            why = "no such file or directory"
+        else:
+            why = "not a Hugging Face checkpoint directory (no config.json)"
+        parser.exit(2, f"lofit-serve: --model {args.model}: {why}\n")
+
     check_architecture(parser, args.model)
     if args.kv_cache_gib is not None and args.kv_cache_gib < 1:
         parser.exit(2, "lofit-serve: --kv-cache-gib must be a whole number of GiB, at least 1\n")
@@ -135,15 +143,30 @@ def check_port_free(host: str, port: int) -> None:
 
 
 def check_steerable(model: Path) -> None:
-    """Exit 2 with one line, before any engine starts, for a checkpoint whose heads LoFiT cannot find (its
-    config and tensor names are read, no weights: :func:`lofit.heads.check_checkpoint`)."""
+    """Exit 2 with one line, before any engine starts, for a model LoFiT cannot steer: vLLM's class for it is
+    hybrid, recurrent or attention-free (:func:`lofit.vllm.models.model_class_refusal`), or LoFiT cannot find
+    its heads (its config and tensor names are read, no weights: :func:`lofit.heads.check_checkpoint`)."""
     from lofit.heads import UnsupportedModelError, check_checkpoint
 
     try:
+        refusal = _class_refusal(json.loads((model / "config.json").read_text()).get("architectures") or [])
+        if refusal:
+            raise UnsupportedModelError(refusal)
         check_checkpoint(model)
     except (UnsupportedModelError, OSError, ValueError) as exc:
         print(f"lofit-serve: {model}: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def _class_refusal(architectures: list[str]) -> str | None:
+    from vllm import ModelRegistry
+
+    from lofit.vllm.architectures import base_architecture
+    from lofit.vllm.models import model_class_refusal
+
+    arch = base_architecture(architectures[0]) or architectures[0] if architectures else None
+    registered = ModelRegistry.models.get(arch) if arch else None
+    return model_class_refusal(registered.load_model_cls()) if registered is not None else None
 
 
 def main(argv: list[str] | None = None) -> None:

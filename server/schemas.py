@@ -3,6 +3,8 @@ of the OpenAPI schema; vLLM's routes bring vLLM's own models)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from server.steering import ADAPTER_NAME
@@ -56,6 +58,15 @@ class GenerateRequest(Sampling):
     def _prompt(cls, value: str | list[str]) -> str | list[str]:
         if isinstance(value, list) and not 1 <= len(value) <= 64:
             raise ValueError("prompt: a list needs 1 to 64 prompts")
+        return value
+
+    @field_validator("adapter_scale", "adapters", mode="before")
+    @classmethod
+    def _no_booleans(cls, value: Any) -> Any:
+        """JSON true/false are not strengths (pydantic would read them as 1.0/0.0; vLLM's routes refuse them)."""
+        weights = value.values() if isinstance(value, dict) else [value]
+        if any(isinstance(w, bool) for w in weights):
+            raise ValueError("a strength must be a number, not true/false")
         return value
 
     @field_validator("adapters")

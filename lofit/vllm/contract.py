@@ -156,15 +156,20 @@ def extra_args_for(choice: AdapterChoice) -> dict[str, Any] | None:
 def requested_weights(extra_args: dict[str, Any] | None) -> dict[str, float] | None:
     """``{name: weight}`` from a request's ``extra_args``; ``None`` when it asks for no adapter.
 
-    Raises :class:`CombinationError` for malformed keys (both forms given, an empty mix, a non-finite or
-    non-numeric weight, a name that is not a string)."""
+    Raises :class:`CombinationError` for malformed keys (both forms given, an empty mix, a name given twice in
+    the list form, a non-finite or non-numeric weight, a name that is not a string)."""
     extra_args = extra_args or {}
     name, mix = extra_args.get(ADAPTER_KEY), extra_args.get(ADAPTERS_KEY)
     if name is not None and mix is not None:
         raise CombinationError(f"give either {ADAPTER_KEY!r} or {ADAPTERS_KEY!r}, not both")
     if mix is not None:
         if isinstance(mix, list) and mix and all(isinstance(item, str) for item in mix):
-            mix = dict(_name_and_weight(item) for item in mix)
+            pairs = [_name_and_weight(item) for item in mix]
+            mix = dict(pairs)
+            if len(mix) != len(pairs):
+                twice = sorted({n for n, _ in pairs if sum(m == n for m, _ in pairs) > 1})
+                raise CombinationError(f"{ADAPTERS_KEY!r} names {twice[0]!r} more than once; give each adapter "
+                                       "once with its weight")
         if not isinstance(mix, dict) or not mix:
             raise CombinationError(f"{ADAPTERS_KEY!r} must be a non-empty {{name: weight}} object "
                                    "or a list of 'name:weight' strings")

@@ -162,6 +162,17 @@ def steer_o_proj(model: nn.Module, num_layers: int, heads_per_rank: int) -> int:
 SUPPORTED = f"served and checked: {', '.join(SUPPORTED_ARCHITECTURES)}"
 
 
+def model_class_refusal(base: type) -> str | None:
+    """Why LoFiT cannot steer vLLM's model class ``base`` (hybrid, recurrent or attention-free: vLLM's own
+    ``is_hybrid`` / ``has_inner_state`` / ``is_attention_free`` interfaces), or ``None``."""
+    from vllm.model_executor.models.interfaces import has_inner_state, is_attention_free, is_hybrid
+
+    if is_hybrid(base) or is_attention_free(base) or has_inner_state(base):
+        return (f"LoFiT steers attention heads at every layer; {base.__name__} is a hybrid, recurrent or "
+                f"attention-free model and is not supported ({SUPPORTED})")
+    return None
+
+
 def unsupported_settings(vllm_config: VllmConfig) -> list[str]:
     """The engine settings LoFiT cannot steer correctly under, each with its reason (empty: none).
 
@@ -187,12 +198,10 @@ class LofitModelMixin:
     """Builds this worker's bank before the stock model, then steers its decoder attention output projections."""
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
-        from vllm.model_executor.models.interfaces import has_inner_state, is_attention_free, is_hybrid
-
         base = next(c for c in type(self).__mro__[1:] if c is not LofitModelMixin and issubclass(c, nn.Module))
-        if is_hybrid(base) or is_attention_free(base) or has_inner_state(base):
-            raise ValueError(f"LoFiT steers attention heads at every layer; {base.__name__} is a hybrid, recurrent "
-                             f"or attention-free model and is not supported ({SUPPORTED})")
+        refusal = model_class_refusal(base)
+        if refusal:
+            raise ValueError(refusal)
         reasons = unsupported_settings(vllm_config)
         if reasons:
             raise ValueError("LoFiT cannot steer correctly with " + "; ".join(reasons))

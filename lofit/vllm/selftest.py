@@ -180,7 +180,9 @@ def self_test(core: Any, tolerance: float | None = None) -> dict[str, float]:
     if moved[weakest] <= max(10 * tolerance, 0.5):
         raise SelfTestError(f"LoFiT self-test: a strongly steered ({weakest}) request changed the log-probs by "
                             f"only {moved[weakest]:.3g}; steering is not applied")
-    logger.info("LoFiT self-test passed (%d requests x %d tokens, %d FULL CUDA-graph replays): steered log-probs "
-                "moved by %.3g, a mixed batch differs from one request's own run by %.3g (tolerance %g)",
-                len(choices), STEPS, replays, moved[weakest], leaks[worst], tolerance)
+    moved_text = ("top tokens all changed" if moved[weakest] == float("inf")
+                  else f"log-probs moved by {moved[weakest]:.3g}")
+    logger.info("LoFiT self-test passed (%d requests x %d tokens, %d FULL CUDA-graph replays): a strongly steered "
+                "request's %s; a mixed batch differs from one request's own run by %.3g (tolerance %g)",
+                len(choices), STEPS, replays, moved_text, leaks[worst], tolerance)
     return {"unsteered_change": leaks[worst], "steered_change": moved[weakest], "full_graph_replays": replays}

@@ -133,3 +133,26 @@ def test_a_qwen3_checkpoint_gets_its_wrapper(tmp_path):
 
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["Qwen3ForCausalLM"]}))
     assert vllm_args(parse(["--model", str(tmp_path)])).hf_overrides == {"architectures": ["LofitQwen3ForCausalLM"]}
+
+
+@pytest.mark.parametrize("arch", ["MambaForCausalLM", "JambaForCausalLM"])
+def test_a_hybrid_or_recurrent_model_is_refused_with_that_reason_before_any_engine(arch, tmp_path, capsys):
+    """vLLM's class for the architecture says it is hybrid/recurrent: that is the reason given (not a missing
+    config field or tensor), read from the config alone."""
+    from server.cli import check_steerable
+
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": [arch], "num_hidden_layers": 2}))
+    with pytest.raises(SystemExit) as exc:
+        check_steerable(tmp_path)
+    assert exc.value.code == 2
+    assert f"{arch} is a hybrid, recurrent or attention-free model" in capsys.readouterr().err
+
+
+def test_a_missing_model_directory_says_so(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        parse(["--model", str(tmp_path / "nowhere")])
+    assert exc.value.code == 2
+    assert "--model" in (err := capsys.readouterr().err) and "no such file or directory" in err
+    with pytest.raises(SystemExit):
+        parse(["--model", str(tmp_path)])
+    assert "not a Hugging Face checkpoint directory (no config.json)" in capsys.readouterr().err

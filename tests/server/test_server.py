@@ -167,6 +167,11 @@ def test_hot_load_use_reload_and_unload(server, client):
     ("post", "/generate", {"prompt": PROMPT, "model": "nope"}, 404, "does not exist"),
     ("post", "/generate", {"prompt": PROMPT, "adapter": "truthfulqa", "lofit_adapter": "truthfulqa"}, 422,
      "lofit_adapter: Extra inputs are not permitted"),
+    # JSON booleans are not strengths (vLLM's routes refuse them too; pydantic would read true as 1.0)
+    ("post", "/generate", {"prompt": PROMPT, "adapter": "truthfulqa", "adapter_scale": True}, 422, "not true/false"),
+    ("post", "/generate", {"prompt": PROMPT, "adapters": {"truthfulqa": False}}, 422, "not true/false"),
+    ("post", "/v1/completions", {"model": BASE, "prompt": PROMPT,
+                                 "vllm_xargs": {"adapters": ["truthfulqa:1", "truthfulqa:40"]}}, 400, "more than once"),
 ])
 def test_bad_requests_get_clear_errors(client, method, path, body, status, message):
     response = getattr(client, method)(path, json=body)

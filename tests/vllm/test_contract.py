@@ -71,6 +71,8 @@ def test_requested_weights_forms():
     {"lofit_adapter": "a", "lofit_scale": "big"},
     {"lofit_adapter": "a", "lofit_scale": float("nan")},
     {"lofit_adapters": {"a": True}},
+    {"lofit_adapters": ["a:20", "a:20"]},  # a duplicate would silently collapse (and dodge the adapter limit)
+    {"lofit_adapters": ["a:1", "b", "a:40"]},
 ])
 def test_malformed_requests_are_refused(extra_args):
     with pytest.raises(CombinationError):
