@@ -65,6 +65,7 @@ def reference(model: str, adapters: dict, cases: list) -> list[str]:
     from lofit.adapter import load_adapter
     from lofit.hf import load_model
     from lofit.intervene import apply_adapters, combine
+    from lofit.vllm.contract import extra_args_for, requested_weights
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tokenizer, hf = load_model(model, "float32", device)
@@ -72,8 +73,8 @@ def reference(model: str, adapters: dict, cases: list) -> list[str]:
     out = []
     for i, (_, choice) in enumerate(cases):
         ids = tokenizer(PROMPTS[i % len(PROMPTS)], return_tensors="pt").input_ids.to(device)
-        parts = [] if choice is None else [(choice, 1.0)] if isinstance(choice, str) else list(choice.items())
-        chosen = combine([(loaded[name], weight) for name, weight in parts]) if parts else None
+        weights = requested_weights(extra_args_for(choice))  # the engine's own reading of the choice
+        chosen = combine([(loaded[name], w) for name, w in weights.items()]) if weights else None
         with torch.no_grad(), apply_adapters(hf, chosen):
             generated = hf.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False)
         out.append(tokenizer.decode(generated[0, ids.shape[1]:], skip_special_tokens=True))

@@ -40,7 +40,7 @@ def load_model(model_dir: str | Path, dtype: str, device: str):
     tokenizer = AutoTokenizer.from_pretrained(path)
     config = AutoConfig.from_pretrained(path)
     auto = AutoModelForCausalLM if type(config) in MODEL_FOR_CAUSAL_LM_MAPPING else AutoModelForImageTextToText
-    model = auto.from_pretrained(path, dtype=getattr(torch, dtype)).to(device)
+    model = auto.from_pretrained(path, config=config, dtype=getattr(torch, dtype)).to(device)
     model.requires_grad_(False)
     return tokenizer, model
 

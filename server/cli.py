@@ -147,26 +147,18 @@ def check_steerable(model: Path) -> None:
     hybrid, recurrent or attention-free (:func:`lofit.vllm.models.model_class_refusal`), or LoFiT cannot find
     its heads (its config and tensor names are read, no weights: :func:`lofit.heads.check_checkpoint`)."""
     from lofit.heads import UnsupportedModelError, check_checkpoint
+    from lofit.vllm.models import model_class_refusal, native_model_class
 
     try:
-        refusal = _class_refusal(json.loads((model / "config.json").read_text()).get("architectures") or [])
+        architectures = json.loads((model / "config.json").read_text()).get("architectures") or []
+        base = native_model_class(architectures[0]) if architectures else None
+        refusal = model_class_refusal(base) if base is not None else None
         if refusal:
             raise UnsupportedModelError(refusal)
         check_checkpoint(model)
     except (UnsupportedModelError, OSError, ValueError) as exc:
         print(f"lofit-serve: {model}: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-
-
-def _class_refusal(architectures: list[str]) -> str | None:
-    from vllm import ModelRegistry
-
-    from lofit.vllm.architectures import base_architecture
-    from lofit.vllm.models import model_class_refusal
-
-    arch = base_architecture(architectures[0]) or architectures[0] if architectures else None
-    registered = ModelRegistry.models.get(arch) if arch else None
-    return model_class_refusal(registered.load_model_cls()) if registered is not None else None
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -165,11 +165,12 @@ def requested_weights(extra_args: dict[str, Any] | None) -> dict[str, float] | N
     if mix is not None:
         if isinstance(mix, list) and mix and all(isinstance(item, str) for item in mix):
             pairs = [_name_and_weight(item) for item in mix]
-            mix = dict(pairs)
-            if len(mix) != len(pairs):
-                twice = sorted({n for n, _ in pairs if sum(m == n for m, _ in pairs) > 1})
-                raise CombinationError(f"{ADAPTERS_KEY!r} names {twice[0]!r} more than once; give each adapter "
-                                       "once with its weight")
+            mix = {}
+            for key, weight in pairs:
+                if key in mix:
+                    raise CombinationError(f"{ADAPTERS_KEY!r} names {key!r} more than once; give each adapter "
+                                           "once with its weight")
+                mix[key] = weight
         if not isinstance(mix, dict) or not mix:
             raise CombinationError(f"{ADAPTERS_KEY!r} must be a non-empty {{name: weight}} object "
                                    "or a list of 'name:weight' strings")

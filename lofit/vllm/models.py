@@ -233,15 +233,22 @@ def wrapper_class(base: type) -> type:
     return cls
 
 
+def native_model_class(architecture: str) -> type | None:
+    """vLLM's own model class for ``architecture`` (a wrapper's name is read as its base), or ``None`` when vLLM
+    does not implement it natively. Imports that model's vLLM module."""
+    from vllm import ModelRegistry
+
+    registered = ModelRegistry.models.get(base_architecture(architecture) or architecture)
+    return registered.load_model_cls() if registered is not None else None
+
+
 def __getattr__(name: str) -> type:
     """``Lofit<Arch>`` on demand, for every architecture vLLM resolves natively (how vLLM imports the wrapper
     it was registered with: ``lofit.vllm.models:Lofit<Arch>``)."""
     base_arch = base_architecture(name)
     if base_arch is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    from vllm import ModelRegistry
-
-    registered = ModelRegistry.models.get(base_arch)
-    if registered is None:
+    base = native_model_class(base_arch)
+    if base is None:
         raise AttributeError(f"vLLM has no architecture {base_arch!r} to make {name} from")
-    return wrapper_class(registered.load_model_cls())
+    return wrapper_class(base)
