@@ -27,7 +27,8 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save
 
 from lofit import __version__
 from lofit.heads import BaseModelIdentity
@@ -190,15 +191,19 @@ class LofitAdapter:
             config.setdefault(key, value)
         return config
 
+    def files(self) -> dict[str, bytes]:
+        """``{file name: bytes}`` of the adapter's two files (``adapter.safetensors``, ``adapter_config.json``),
+        as :meth:`save` writes them and :func:`adapter_from_bytes` reads them."""
+        return {TENSORS_FILE: save(self.tensors(), metadata={"format": FORMAT}),
+                CONFIG_FILE: (json.dumps(self.config_dict(), indent=2) + "\n").encode()}
+
     def save(self, directory: str | Path, extra_files: dict[str, bytes] | None = None) -> Path:
         """Write the adapter directory atomically (a partly written adapter is never visible)."""
         directory = Path(directory)
         directory.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
         try:
-            save_file(self.tensors(), str(staging / TENSORS_FILE), metadata={"format": FORMAT})
-            (staging / CONFIG_FILE).write_text(json.dumps(self.config_dict(), indent=2) + "\n")
-            for name, data in (extra_files or {}).items():
+            for name, data in {**self.files(), **(extra_files or {})}.items():
                 (staging / name).write_bytes(data)
             for path in staging.iterdir():  # mkdtemp and safetensors create owner-only files
                 path.chmod(0o644)
@@ -260,47 +265,60 @@ def _validate_tensors(tensors: dict[str, torch.Tensor], base: BaseModelIdentity,
         raise AdapterHeadsError(f"{where}: 'heads' rows must be sorted by (layer, head)")
 
 
-def _read_config(directory: Path) -> dict[str, Any]:
-    path = directory / CONFIG_FILE
+def _read_limited(path: Path, limit: int, what: str, missing: str) -> bytes:
+    """A file's bytes; its size is checked before it is read."""
     if not path.is_file():
-        raise AdapterFileMissingError(f"{directory}: {CONFIG_FILE} not found; is this a LoFiT adapter "
-                                      "directory (made by lofit-train)?")
+        raise AdapterFileMissingError(missing)
     size = path.stat().st_size
-    if size > MAX_CONFIG_BYTES:
-        raise AdapterFormatError(f"{path}: {size} bytes is far larger than any adapter config "
+    if size > limit:
+        raise AdapterFormatError(f"{path}: {size} bytes is far larger than any {what} (limit {limit}); "
+                                 "refusing to read it")
+    return path.read_bytes()
+
+
+def parse_config(data: bytes, where: str) -> dict[str, Any]:
+    """The ``adapter_config.json`` object in ``data`` (at most :data:`MAX_CONFIG_BYTES`), with its format,
+    version and required keys checked; ``where`` names the file in error messages.
+
+    Raises:
+        AdapterFormatError: too large, not JSON, not an object, another format or version, a key missing.
+    """
+    if len(data) > MAX_CONFIG_BYTES:
+        raise AdapterFormatError(f"{where}: {len(data)} bytes is far larger than any adapter config "
                                  f"(limit {MAX_CONFIG_BYTES}); refusing to read it")
     try:
-        config = json.loads(path.read_text())
+        config = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AdapterFormatError(f"{path}: not valid JSON ({exc})") from exc
+        raise AdapterFormatError(f"{where}: not valid JSON ({exc})") from exc
     except RecursionError as exc:
-        raise AdapterFormatError(f"{path}: not valid JSON (nested too deeply)") from exc
+        raise AdapterFormatError(f"{where}: not valid JSON (nested too deeply)") from exc
     if not isinstance(config, dict):
-        raise AdapterFormatError(f"{path}: expected a JSON object")
+        raise AdapterFormatError(f"{where}: expected a JSON object")
     if config.get("format") != FORMAT:
-        raise AdapterFormatError(f"{path}: format is {config.get('format')!r}, expected {FORMAT!r}")
+        raise AdapterFormatError(f"{where}: format is {config.get('format')!r}, expected {FORMAT!r}")
     version = config.get("format_version")
     if version != FORMAT_VERSION:
-        raise AdapterFormatError(f"{path}: format_version {version!r} is not supported by this lofit "
+        raise AdapterFormatError(f"{where}: format_version {version!r} is not supported by this lofit "
                                  f"({__version__}, reads version {FORMAT_VERSION}); upgrade lofit")
     for key in ("name", "base_model", "content_sha256"):
         if key not in config:
-            raise AdapterFormatError(f"{path}: required key {key!r} is missing")
+            raise AdapterFormatError(f"{where}: required key {key!r} is missing")
     return config
 
 
-def _read_tensors(directory: Path) -> dict[str, torch.Tensor]:
-    path = directory / TENSORS_FILE
-    if not path.is_file():
-        raise AdapterFileMissingError(f"{directory}: {TENSORS_FILE} not found")
-    size = path.stat().st_size
-    if size > MAX_TENSORS_BYTES:
-        raise AdapterFormatError(f"{path}: {size} bytes is far larger than any LoFiT adapter "
+def parse_tensors(data: bytes, where: str) -> dict[str, torch.Tensor]:
+    """The tensors of an ``adapter.safetensors`` file's bytes (at most :data:`MAX_TENSORS_BYTES`).
+
+    Raises:
+        AdapterFormatError: too large, or not a readable safetensors file.
+    """
+    if len(data) > MAX_TENSORS_BYTES:
+        raise AdapterFormatError(f"{where}: {len(data)} bytes is far larger than any LoFiT adapter "
                                  f"(limit {MAX_TENSORS_BYTES}); refusing to read it")
     try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise AdapterFormatError(f"{path}: not a readable safetensors file ({exc})") from exc
+        return load_safetensors(data)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise AdapterFormatError(f"{where}: not a readable safetensors file ({exc})") from exc
 
 
 def load_adapter(directory: str | Path, expect_base: BaseModelIdentity | None = None) -> LofitAdapter:
@@ -312,13 +330,30 @@ def load_adapter(directory: str | Path, expect_base: BaseModelIdentity | None = 
     directory = Path(directory)
     if not directory.is_dir():
         raise AdapterFileMissingError(f"{directory}: adapter directory not found")
-    config = _read_config(directory)
+    config = _read_limited(directory / CONFIG_FILE, MAX_CONFIG_BYTES, "adapter config",
+                           f"{directory}: {CONFIG_FILE} not found; is this a LoFiT adapter directory (made by "
+                           "lofit-train)?")
+    tensors = _read_limited(directory / TENSORS_FILE, MAX_TENSORS_BYTES, "LoFiT adapter",
+                            f"{directory}: {TENSORS_FILE} not found")
+    return adapter_from_bytes(config, tensors, expect_base, where=str(directory))
+
+
+def adapter_from_bytes(config_bytes: bytes, tensors_bytes: bytes, expect_base: BaseModelIdentity | None = None,
+                       where: str = "adapter") -> LofitAdapter:
+    """Validate an adapter given as the bytes of its two files (``adapter_config.json``, ``adapter.safetensors``)
+    exactly as :func:`load_adapter` validates a directory: how adapters travel to workers on other nodes and come
+    from object stores. ``where`` names the source in error messages.
+
+    Raises:
+        AdapterError: the subclass :func:`load_adapter` raises for the same fault.
+    """
+    config = parse_config(config_bytes, f"{where}/{CONFIG_FILE}")
     try:
         base = BaseModelIdentity.from_dict(config["base_model"])
-    except (KeyError, TypeError) as exc:
-        raise AdapterFormatError(f"{directory / CONFIG_FILE}: invalid base_model ({exc})") from exc
-    tensors = _read_tensors(directory)
-    where = f"adapter {config['name']!r} at {directory}"
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise AdapterFormatError(f"{where}/{CONFIG_FILE}: invalid base_model ({exc})") from exc
+    tensors = parse_tensors(tensors_bytes, f"{where}/{TENSORS_FILE}")
+    where = f"adapter {config['name']!r} at {where}"
     _validate_tensors(tensors, base, where)
     actual = content_sha256(tensors)
     if actual != config["content_sha256"]:

@@ -3,15 +3,21 @@ under vLLM's runtime adapter calls ``POST /v1/load_lora_adapter`` / ``POST /v1/u
 (``vllm/entrypoints/serve/lora/api_router.py``), so tools written for vLLM's adapter loading work unchanged.
 
 vLLM's calls take a folder: ``lora_path`` must be the adapter's own folder in the server's adapters directory
-(``{"lora_name": "x", "lora_path": "x"}``, or that folder's full path); anything else is refused, so the calls
-cannot make the server read files elsewhere. Loading is idempotent (the same content again changes nothing,
-new content reloads the name), unloading a name that is not loaded is not an error — as under ``/adapters``.
+(``{"lora_name": "x", "lora_path": "x"}``, or that folder's full path) or, with ``--adapter-store``, its place
+in the store (``x`` or ``<store URI>/x``); anything else is refused, so the calls cannot make the server read
+files elsewhere. Loading is idempotent (the same content again changes nothing, new content reloads the name),
+unloading a name that is not loaded is not an error — as under ``/adapters``.
+
+With ``--adapter-store`` (:mod:`server.adapter_store`): an upload is validated, written through to the store, then
+loaded; loading by name reads the adapters directory's folder when there is one, else the store;
+``POST /adapters/{name}/reload`` reads the store now (without a store: the folder); ``DELETE
+/adapters/{name}?purge=true`` also removes the adapter from the store (its pinned references stay readable).
 """
 
 from __future__ import annotations
 
-import shutil
-import tempfile
+import asyncio
+from collections.abc import Awaitable
 from pathlib import Path
 
 from fastapi import APIRouter, HTTPException, Request, UploadFile
@@ -19,7 +25,7 @@ from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel
 
 from lofit.adapter import CONFIG_FILE, TENSORS_FILE
-from server.registry import InvalidAdapter, now_ms
+from server.registry import InvalidAdapter, Record, UnknownAdapter, now_ms
 from server.schemas import AdapterInfo, AdapterList, LoadAdapterRequest, LoadAdapterResult
 from server.vllm_api import LoadLoRAAdapterRequest, UnloadLoRAAdapterRequest
 
@@ -47,11 +53,26 @@ async def show_adapter(name: str, request: Request) -> AdapterInfo:
 
 
 async def _load(request: Request, name: str) -> LoadAdapterResult:
+    """Load ``name``: its folder in the adapters directory, else (with a store) the store's copy."""
     state = request.app.state.lofit
+    registry, loader = state.registry, state.store_loader
+    if loader.store is not None and not registry.path_for(name).is_dir():
+        return await _timed(state, _from_store(state, name))
+    return await _timed(state, registry.load(name))
+
+
+async def _from_store(state, name: str) -> tuple[Record, bool]:
+    before = state.registry.records.get(name)
+    sha = before.adapter.content_sha256 if before is not None else None
+    record = await state.store_loader.refresh(name)
+    return record, record.adapter.content_sha256 != sha
+
+
+async def _timed(state, loading: Awaitable[tuple[Record, bool]]) -> LoadAdapterResult:
     start = now_ms()
     try:
-        record, changed = await state.registry.load(name)
-    except InvalidAdapter:
+        record, changed = await loading
+    except (InvalidAdapter, UnknownAdapter):
         state.metrics.adapter_loads.labels("load", "rejected").inc()
         raise
     state.metrics.adapter_loads.labels("load", "ok").inc()
@@ -77,29 +98,49 @@ async def load_adapter_by_name(body: LoadAdapterRequest, request: Request) -> Lo
 async def upload_adapter(name: str, request: Request, adapter_config: UploadFile,
                          adapter_tensors: UploadFile) -> LoadAdapterResult:
     """Upload ``adapter_config.json`` and ``adapter.safetensors`` as adapter ``name``: validated against the
-    served model, written atomically into the adapters directory (with the directory's permissions), then
-    loaded."""
+    served model, written atomically (into the adapters directory with its permissions, or through to the
+    store), then loaded."""
     state = request.app.state.lofit
-    state.registry.path_for(name)  # refuse a bad name before writing anything
+    state.registry.path_for(name)  # refuse a bad name before reading anything
     limit = state.settings.max_upload_bytes
-    state.settings.adapters_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".upload-{name}.", dir=state.settings.adapters_dir))
-    try:
-        for upload, filename in ((adapter_config, CONFIG_FILE), (adapter_tensors, TENSORS_FILE)):
-            data = await upload.read(limit + 1)
-            if len(data) > limit:
-                raise InvalidAdapter(f"{filename} is larger than the upload limit ({limit} bytes)")
-            (staging / filename).write_bytes(data)
-        await state.registry.install(name, staging)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    files = {}
+    for upload, filename in ((adapter_config, CONFIG_FILE), (adapter_tensors, TENSORS_FILE)):
+        data = await upload.read(limit + 1)
+        if len(data) > limit:
+            raise InvalidAdapter(f"{filename} is larger than the upload limit ({limit} bytes)")
+        files[filename] = data
+    if state.store_loader.store is not None:
+        return await _timed(state, state.store_loader.publish(name, files))
+    await state.registry.install(name, files)
     return await _load(request, name)
+
+
+@router.post("/adapters/{name}/reload", response_model=LoadAdapterResult,
+             responses={400: {"description": "invalid adapter"}, 404: {"description": "not in the store"}})
+async def reload_adapter(name: str, request: Request) -> LoadAdapterResult:
+    """Read adapter ``name`` again now — from the store when the server has one (whatever the TTL), else from its
+    folder — and load it if its content changed."""
+    state = request.app.state.lofit
+    state.registry.check_name(name)
+    if state.store_loader.store is not None:
+        return await _timed(state, _from_store(state, name))
+    return await _timed(state, state.registry.load(name))
 
 
 @router.delete("/adapters/{name}", response_model=UnloadResult,
                responses={400: {"description": "invalid adapter name"}})
-async def unload_adapter(name: str, request: Request) -> UnloadResult:
-    """Unload ``name`` (its folder stays on disk). Requests already running finish with it. Idempotent."""
+async def unload_adapter(name: str, request: Request, purge: bool = False) -> UnloadResult:
+    """Unload ``name`` (its folder stays on disk; with a store, a later request naming it loads it again).
+    Requests already running finish with it. Idempotent. ``purge=true`` (store only) first removes its current
+    content from the store, so no replica loads it again (others unload it at their next freshness check)."""
+    state = request.app.state.lofit
+    state.registry.check_reference(name)
+    if purge:
+        store = state.store_loader.store
+        if store is None:
+            raise InvalidAdapter("purge=true removes an adapter from the adapter store; this server has none "
+                                 "(--adapter-store)")
+        await asyncio.to_thread(store.delete, name)
     return UnloadResult(name=name, unloaded=await _unload(request, name))
 
 
@@ -107,11 +148,13 @@ async def unload_adapter(name: str, request: Request) -> UnloadResult:
              responses={400: {"description": "invalid adapter, or a path outside the adapters directory"}})
 async def load_lora_adapter(body: LoadLoRAAdapterRequest, request: Request) -> PlainTextResponse:
     """vLLM's call: load adapter ``lora_name`` from its folder ``lora_path`` in the adapters directory."""
-    registry = request.app.state.lofit.registry
+    state = request.app.state.lofit
+    registry, store = state.registry, state.store_loader.store
     folder = registry.path_for(body.lora_name)
     given = Path(body.lora_path)
     target = given if given.is_absolute() else registry.directory / given
-    if given.name != body.lora_name or target.resolve() != folder:
+    in_store = store is not None and body.lora_path in (body.lora_name, store.where(body.lora_name))
+    if not in_store and (given.name != body.lora_name or target.resolve() != folder):
         raise InvalidAdapter(f"lora_path must be adapter {body.lora_name!r}'s own folder in the server's adapters "
                              f"directory (give {body.lora_name!r}); upload it first with PUT /adapters/"
                              f"{body.lora_name}")

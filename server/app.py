@@ -39,6 +39,8 @@ from lofit.heads import BaseModelIdentity
 from lofit.vllm.architectures import cpu_engine_defaults, lofit_engine_args
 from lofit.vllm.contract import RPC_STATUS
 from server import api_adapters, api_generate, api_models, api_ops
+from server.adapter_misses import LoadOnMiss, StoreLoader
+from server.adapter_store import AdapterStore, StoreUnavailable
 from server.api_generate import PromptTooLong
 from server.auth import KeyCheck, send_error
 from server.engine_client import ROUTE, SteeredAsyncLLM
@@ -71,6 +73,7 @@ class ServerState:
     metrics: Metrics | None = None
     engine: SteeredAsyncLLM | None = None
     registry: AdapterRegistry | None = None
+    store_loader: StoreLoader | None = None  # load-on-miss (and pinned references) from --adapter-store
     resolver: SteeringResolver | None = None
     tokenizer: Any = None
     ready: bool = False
@@ -141,6 +144,12 @@ async def start(app: FastAPI, state: ServerState) -> None:
     state.registry = AdapterRegistry(settings.adapters_dir, base, state.engine, settings.max_adapters,
                                      reserved=frozenset([settings.base_name]), served=models.lora_requests,
                                      on_unload=state.metrics.retire)
+    store = AdapterStore(settings.adapter_store, settings.adapter_store_options) if settings.adapter_store else None
+    state.store_loader = StoreLoader(state.registry, store, settings.adapter_cache_dir if store else None,
+                                     settings.adapter_store_ttl)
+    if store is not None:
+        log.info("adapter store %s (cache %s, TTL %g s)", store.uri, settings.adapter_cache_dir,
+                 settings.adapter_store_ttl)
     state.resolver = SteeringResolver([settings.base_name], lambda: state.registry.records.keys())
     setattr(models, RESOLVER_ATTR, state.resolver)
     state.engine.attach(state.resolver, state.metrics, settings.prompt_limit, count=state.registry.count)
@@ -217,7 +226,8 @@ def create_app(settings: Settings) -> FastAPI:
         app.include_router(module.router)
     _install_errors(app)
     # outermost first, around vLLM's own (whose SageMaker bootstrap has already built the stack: rebuild it)
-    app.user_middleware[0:0] = [Middleware(cls, settings=settings) for cls in (RequestLog, KeyCheck, BodyLimit)]
+    app.user_middleware[0:0] = [Middleware(cls, settings=settings)
+                                for cls in (RequestLog, KeyCheck, BodyLimit, LoadOnMiss)]
     app.middleware_stack = None
     return app
 
@@ -253,6 +263,10 @@ def _install_errors(app: FastAPI) -> None:
     @app.exception_handler(InvalidAdapter)
     async def invalid_adapter(_: Request, exc: InvalidAdapter) -> JSONResponse:
         return error(400, str(exc), "BadRequestError")
+
+    @app.exception_handler(StoreUnavailable)
+    async def store_unavailable(_: Request, exc: StoreUnavailable) -> JSONResponse:
+        return error(503, f"the adapter store cannot be used: {exc}", "ServiceUnavailableError")
 
     @app.exception_handler(PromptTooLong)
     async def too_long(_: Request, exc: PromptTooLong) -> JSONResponse:

@@ -1,7 +1,7 @@
 """``lofit-serve``: start the HTTP server on a model with a folder of adapters.
 
-    lofit-serve [--model DIR] [--adapters-dir DIR] [--host 127.0.0.1] [--port 8000] [--api-key KEY]
-                [--admin-key KEY] [--dtype auto] [--max-model-len 2048] [--max-num-seqs 64]
+    lofit-serve [--model DIR] [--adapters-dir DIR] [--adapter-store URI] [--host 127.0.0.1] [--port 8000]
+                [--api-key KEY] [--admin-key KEY] [--dtype auto] [--max-model-len 2048] [--max-num-seqs 64]
                 [--max-adapters 256] [--kv-cache-gib 1] [--max-prompt-tokens N] [--served-model-name NAME]
 
                 [any `vllm serve` flag, e.g. --enforce-eager --tool-call-parser hermes --enable-auto-tool-choice]
@@ -32,6 +32,14 @@ from server.vllm_flags import vllm_namespace
 def env_name(flag: str) -> str:
     """``--max-model-len`` -> ``LOFIT_MAX_MODEL_LEN``."""
     return "LOFIT_" + flag.lstrip("-").replace("-", "_").upper()
+
+
+def json_object(text: str) -> dict:
+    """A JSON object given on the command line (``argparse`` type: a ValueError is its usage error)."""
+    value = json.loads(text)
+    if not isinstance(value, dict):
+        raise ValueError("not a JSON object")
+    return value
 
 
 def check_architecture(parser: argparse.ArgumentParser, model: Path) -> None:
@@ -65,7 +73,16 @@ def parse(argv: list[str] | None = None) -> Settings:
         parser.add_argument(name, type=cast, default=default, help=doc)
 
     flag("--model", defaults.model, Path)
-    flag("--adapters-dir", defaults.adapters_dir, Path)
+    flag("--adapters-dir", defaults.adapters_dir, Path, doc="folder of adapter folders loaded at start and by name "
+         "(default: the shipped adapters/)")
+    flag("--adapter-store", doc="shared adapter store, an fsspec URI (s3://bucket/prefix, gs://..., file:///dir, "
+         "memory://x): uploads write through to it, adapters a request names are loaded from it on a miss")
+    flag("--adapter-store-options", {}, json_object, doc="fsspec storage options for the store, as a JSON object "
+         "(e.g. '{\"endpoint_url\": \"http://minio:9000\"}')")
+    flag("--adapter-cache-dir", defaults.adapter_cache_dir, Path, doc="this node's folder for adapters fetched "
+         "from the store (default: $XDG_CACHE_HOME/lofit/adapters)")
+    flag("--adapter-store-ttl", defaults.adapter_store_ttl, float, doc="seconds a store adapter is served before "
+         "its content hash in the store is checked again (0: on every request)")
     flag("--host", defaults.host)
     flag("--port", defaults.port, int)
     flag("--api-key", doc="key for the inference routes (Authorization: Bearer KEY)")
@@ -104,7 +121,18 @@ def parse(argv: list[str] | None = None) -> Settings:
         parser.exit(2, "lofit-serve: --api-key and --admin-key must differ\n")
     if args.max_prompt_tokens is not None and not 1 <= args.max_prompt_tokens < args.max_model_len:
         parser.exit(2, "lofit-serve: --max-prompt-tokens must be at least 1 and below --max-model-len\n")
-    return Settings(model=args.model, adapters_dir=args.adapters_dir, host=args.host, port=args.port,
+    if not (args.adapter_store_ttl >= 0 and args.adapter_store_ttl != float("inf")):
+        parser.exit(2, "lofit-serve: --adapter-store-ttl must be a number of seconds, at least 0\n")
+    if args.adapter_store is not None:
+        from server.adapter_store import AdapterStore
+
+        try:
+            AdapterStore(args.adapter_store, args.adapter_store_options)
+        except ValueError as exc:
+            parser.exit(2, f"lofit-serve: --adapter-store: {exc}\n")
+    return Settings(model=args.model, adapters_dir=args.adapters_dir, adapter_store=args.adapter_store,
+                    adapter_store_options=args.adapter_store_options, adapter_cache_dir=args.adapter_cache_dir,
+                    adapter_store_ttl=args.adapter_store_ttl, host=args.host, port=args.port,
                     api_key=args.api_key, admin_key=args.admin_key, served_model_name=args.served_model_name,
                     dtype=args.dtype, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                     max_adapters=args.max_adapters, max_prompt_tokens=args.max_prompt_tokens,

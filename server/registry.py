@@ -1,8 +1,11 @@
 """The server's view of the adapters: which names are loaded, their metadata, and loading them safely.
 
-Adapters live in folders under the adapters directory (one folder per adapter, folder name = adapter name).
-Loading goes through the engine (``collective_rpc``), which validates the adapter against the served model
-on every worker; a name's lock keeps concurrent loads and unloads of one name in order. Names are checked
+Adapters live in folders under the adapters directory (one folder per adapter, folder name = adapter name), or in
+a shared store (:mod:`server.adapter_store`, loaded on a miss by :mod:`server.adapter_misses`). Either way the
+files are read and validated here, and their bytes — never a path, which may exist only on this node — go to
+every worker through the engine (``collective_rpc`` ``lofit_load_bytes``), which validates them again against the
+served model; a name's lock keeps concurrent loads and unloads of one name in order. With a store, the registry is
+a cache: at ``--max-adapters`` the least recently used adapter that came from the store makes room. Names are checked
 against a strict pattern (the whole name, ASCII only) and may not be one of the served model's names;
 resolved paths must stay inside the adapters directory, and symbolic links are refused (an adapter folder
 that is a link, or an adapter file that is one), so neither a name nor a link can make the server read a
@@ -18,23 +21,36 @@ is steered.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import re
 import shutil
 import stat
+import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from lofit.adapter import CONFIG_FILE, TENSORS_FILE, AdapterError, LofitAdapter, load_adapter
+from lofit.adapter import (
+    CONFIG_FILE,
+    MAX_CONFIG_BYTES,
+    MAX_TENSORS_BYTES,
+    TENSORS_FILE,
+    AdapterError,
+    LofitAdapter,
+    adapter_from_bytes,
+)
 from lofit.heads import BaseModelIdentity
-from lofit.vllm.contract import RPC_LOAD, RPC_UNLOAD, Combination
+from lofit.vllm.contract import RPC_LOAD_BYTES, RPC_UNLOAD, Combination, split_reference
 from server.schemas import AdapterInfo
-from server.steering import ADAPTER_NAME, Steering
+from server.steering import ADAPTER_NAME, ADAPTER_REFERENCE, Steering
 
-_NAME = re.compile(ADAPTER_NAME)
+_NAME, _REFERENCE = re.compile(ADAPTER_NAME), re.compile(ADAPTER_REFERENCE)
+_SWAP = threading.Lock()
+FROM_DIR, FROM_STORE = "adapters-dir", "store"  # where a record's files came from
 _STAGING = re.compile(r"\.upload-[A-Za-z0-9._-]+?\.[A-Za-z0-9_]{8}/")  # tempfile.mkdtemp(prefix=".upload-<name>.")
 
 
@@ -49,8 +65,12 @@ class InvalidAdapter(ValueError):
 @dataclass
 class Record:
     adapter: LofitAdapter
-    path: Path
+    path: Path | None  # the folder its files are in on this node (adapters dir, or the store's cache)
     loaded_at: str
+    files: dict[str, bytes] = field(default_factory=dict, repr=False)  # what the workers loaded
+    source: str = FROM_DIR
+    checked_at: float = field(default_factory=time.monotonic)  # last time the store said it is current
+    last_used: float = field(default_factory=time.monotonic)
     requests_served: int = 0
 
     def info(self) -> AdapterInfo:
@@ -60,7 +80,7 @@ class Record:
             heads=[tuple(h) for h in a.heads.tolist()], content_sha256=a.content_sha256,
             fingerprint=Combination.of({a.name: (a.content_sha256, 1.0)}).fingerprint,
             metrics=a.metadata.get("metrics") or {}, created_at=a.metadata.get("created_at"),
-            loaded_at=self.loaded_at,
+            loaded_at=self.loaded_at, source=self.source,
             requests_served=self.requests_served)
 
 
@@ -87,6 +107,13 @@ class AdapterRegistry:
         if name in self.reserved:
             raise InvalidAdapter(f"invalid adapter name {name!r}: it is the served model's name, which means "
                                  "'no adapter' in requests; choose another name")
+
+    def check_reference(self, reference: str) -> None:
+        """Like :meth:`check_name`, for an adapter name or a pinned reference ``name@<content_sha256>``."""
+        if isinstance(reference, str) and _REFERENCE.fullmatch(reference) and "@" in reference:
+            self.check_name(split_reference(reference)[0])
+        else:
+            self.check_name(reference)
 
     def path_for(self, name: str) -> Path:
         """The folder of adapter ``name`` inside the adapters directory (refuses links and anything that
@@ -120,68 +147,89 @@ class AdapterRegistry:
     async def load(self, name: str) -> tuple[Record, bool]:
         """Load (or reload) ``name`` from the adapters directory; returns the record and whether it changed.
 
-        The record keeps the content hash the workers report (what requests are steered with), not only the one
-        read here first. Raises :class:`InvalidAdapter` for a bad name or folder, a file that fails validation,
-        the adapter limit, or files that changed while loading."""
+        Raises :class:`InvalidAdapter` for a bad name or folder, a file that fails validation, or the adapter
+        limit."""
         path = self.path_for(name)
         if not path.is_dir():
             raise InvalidAdapter(f"no adapter folder {name!r} in the adapters directory")
-        adapter = self.validate(path, name)
-        async with self._lock(name):
-            current = self.records.get(name)
-            if current is not None and current.adapter.content_sha256 == adapter.content_sha256:
-                return current, False
-            if current is None and len(self.records) >= self.max_adapters:
-                raise InvalidAdapter(f"{self.max_adapters} adapters are loaded, the server's limit "
-                                     "(--max-adapters); unload one first")
-            served = (await self.engine.collective_rpc(RPC_LOAD, args=(str(path),)))[0]["content_sha256"]
-            if served != adapter.content_sha256:  # the folder changed between our read and the workers'
-                adapter = self.validate(path, name)
-                if adapter.content_sha256 != served:
-                    self.records.pop(name, None)
-                    self.served.pop(name, None)
-                    raise InvalidAdapter(f"adapter {name!r} changed on disk while it was being loaded; "
-                                         "load it again once its files are complete")
-            record = Record(adapter, path, datetime.now(UTC).isoformat(timespec="seconds"))
-            self.records[name] = record
-            self.served[name] = Steering.of(name, {name: 1.0}, root=name)
-            return record, True
+        return await self.load_files(name, self.read_folder(path, name), FROM_DIR, path)
 
-    def validate(self, path: Path, name: str) -> LofitAdapter:
-        """The adapter in ``path``, checked against the served model and required to be named ``name``."""
-        for filename in (CONFIG_FILE, TENSORS_FILE):
-            if (path / filename).is_symlink():
+    def read_folder(self, path: Path, name: str) -> dict[str, bytes]:
+        """The bytes of the adapter files in ``path`` (regular files only, sizes checked before reading)."""
+        files = {}
+        for filename, limit in ((CONFIG_FILE, MAX_CONFIG_BYTES), (TENSORS_FILE, MAX_TENSORS_BYTES)):
+            file = path / filename
+            if file.is_symlink():
                 raise InvalidAdapter(f"adapter {name!r}: {filename} is a symbolic link; the server only reads "
                                      "regular files inside the adapters directory")
+            if not file.is_file():
+                raise InvalidAdapter(f"adapter {name!r}: {filename} not found; is this a LoFiT adapter folder "
+                                     "(made by lofit-train)?")
+            if file.stat().st_size > limit:
+                raise InvalidAdapter(f"adapter {name!r}: {filename} is {file.stat().st_size} bytes, far larger "
+                                     f"than any LoFiT adapter file (limit {limit}); refusing to read it")
+            files[filename] = file.read_bytes()
+        return files
+
+    def validate_files(self, files: dict[str, bytes], reference: str, where: str) -> LofitAdapter:
+        """The adapter in ``files``, checked against the served model and required to be ``reference``: named
+        so, and with ``name@<sha>`` holding exactly that content."""
+        name, sha = split_reference(reference)
         try:
-            adapter = load_adapter(path, expect_base=self.base)
+            adapter = adapter_from_bytes(files[CONFIG_FILE], files[TENSORS_FILE], expect_base=self.base,
+                                         where=where)
         except AdapterError as exc:
             raise InvalidAdapter(self.without_paths(str(exc))) from exc
         if adapter.name != name:
             raise InvalidAdapter(f"adapter {name!r}: the files hold an adapter named {adapter.name!r}; "
                                  "the folder name must equal the adapter's name")
+        if sha is not None and adapter.content_sha256 != sha:
+            raise InvalidAdapter(f"adapter {reference!r}: no such content of {name!r} (it now holds "
+                                 f"{adapter.content_sha256[:16]}…)")
         return adapter
 
-    async def install(self, name: str, staging: Path) -> None:
-        """Validate the adapter files in ``staging`` and move them into place as folder ``name`` (replacing an
-        older folder); the caller then loads it with :meth:`load`."""
+    async def load_files(self, reference: str, files: dict[str, bytes], source: str, path: Path | None,
+                         where: str | None = None) -> tuple[Record, bool]:
+        """Validate ``files`` and make them resident as ``reference`` on every worker (their bytes travel with
+        the call); returns the record and whether the content changed. At the adapter limit, the least recently
+        used adapter from the store is unloaded first; without one, :class:`InvalidAdapter`."""
+        adapter = self.validate_files(files, reference, where or f"adapter {reference!r}")
+        async with self._lock(reference):
+            current = self.records.get(reference)
+            if current is not None and current.adapter.content_sha256 == adapter.content_sha256:
+                current.checked_at = time.monotonic()
+                return current, False
+            if current is None and len(self.records) >= self.max_adapters:
+                victim = self.least_recently_used(exclude=reference)
+                if victim is None:
+                    raise InvalidAdapter(f"{self.max_adapters} adapters are loaded, the server's limit "
+                                         "(--max-adapters); unload one first")
+                await self.unload(victim)
+            await self.engine.collective_rpc(RPC_LOAD_BYTES, args=(reference, files[CONFIG_FILE],
+                                                                   files[TENSORS_FILE]))
+            record = Record(adapter if reference == adapter.name else dataclasses.replace(adapter, name=reference),
+                            path, datetime.now(UTC).isoformat(timespec="seconds"), files=files, source=source)
+            self.records[reference] = record
+            self.served[reference] = Steering.of(reference, {reference: 1.0}, root=reference)
+            return record, True
+
+    def least_recently_used(self, exclude: str) -> str | None:
+        """The loaded adapter from the store used longest ago (``None``: none can make room)."""
+        candidates = [(r.last_used, n) for n, r in self.records.items() if r.source == FROM_STORE and n != exclude]
+        return min(candidates)[1] if candidates else None
+
+    async def install(self, name: str, files: dict[str, bytes]) -> Path:
+        """Validate ``files`` and write them atomically into the adapters directory as folder ``name`` (replacing
+        an older folder; with the directory's permissions); the caller then loads it."""
         target = self.path_for(name)
-        self.validate(staging, name)
-        mode = stat.S_IMODE(self.directory.stat().st_mode)  # as the rest of the adapters folder
-        os.chmod(staging, mode)
-        for file in staging.iterdir():
-            os.chmod(file, mode & 0o666)
-        async with self._lock(name):
-            old = target.with_name(f".old-{name}")
-            if target.exists():
-                shutil.rmtree(old, ignore_errors=True)
-                target.rename(old)
-            staging.rename(target)
-            shutil.rmtree(old, ignore_errors=True)
+        self.validate_files(files, name, f"adapter {name!r}")
+        self.directory.mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(write_folder, target, files, stat.S_IMODE(self.directory.stat().st_mode))
+        return target
 
     async def unload(self, name: str) -> bool:
         """Forget ``name``; returns False when it was not loaded. Running requests finish with its content."""
-        self.check_name(name)
+        self.check_reference(name)
         async with self._lock(name):
             record = self.records.pop(name, None)
             if record is None:
@@ -209,12 +257,35 @@ class AdapterRegistry:
         return Combination.of({n: (self.records[n].adapter.content_sha256, w) for n, w in weights.items()})
 
     def count(self, weights: dict[str, float]) -> None:
+        now = time.monotonic()
         for name in weights:
             if name in self.records:
                 self.records[name].requests_served += 1
+                self.records[name].last_used = now
 
     def _lock(self, name: str) -> asyncio.Lock:
         return self._locks.setdefault(name, asyncio.Lock())
+
+
+def write_folder(target: Path, files: dict[str, bytes], mode: int = 0o755) -> None:
+    """Write ``files`` as folder ``target`` atomically: a staging folder beside it is renamed into place (an older
+    folder is swapped out first), so readers see the old folder or the new one, never a mix."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".upload-{target.name}.", dir=target.parent))
+    try:
+        for filename, data in files.items():
+            (staging / filename).write_bytes(data)
+            os.chmod(staging / filename, mode & 0o666)
+        os.chmod(staging, mode)
+        old = target.with_name(f".old-{target.name}")
+        with _SWAP:  # two writers of one folder (an upload and a fetch) take turns
+            if target.exists():
+                shutil.rmtree(old, ignore_errors=True)
+                target.rename(old)
+            staging.rename(target)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def now_ms() -> float:

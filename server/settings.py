@@ -3,18 +3,29 @@
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from lofit.default_model import default_model_dir
 
 REPO = Path(__file__).resolve().parents[1]
 
 
+def default_cache_dir() -> Path:
+    """Where adapters fetched from the store are kept on this node: ``$XDG_CACHE_HOME/lofit/adapters``."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lofit" / "adapters"
+
+
 @dataclass
 class Settings:
     model: Path = field(default_factory=default_model_dir)
     adapters_dir: Path = REPO / "adapters"
+    adapter_store: str | None = None  # fsspec URI of the shared store (server/adapter_store.py)
+    adapter_store_options: dict[str, Any] = field(default_factory=dict)  # fsspec storage options
+    adapter_cache_dir: Path = field(default_factory=default_cache_dir)  # this node's copy of fetched adapters
+    adapter_store_ttl: float = 30.0  # seconds before a store-loaded adapter's content hash is checked again
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = None  # inference routes (Authorization: Bearer <key>)

@@ -32,11 +32,12 @@ from vllm.lora.request import LoRARequest
 from lofit.vllm.contract import ADAPTER_KEY, ADAPTERS_KEY, SCALE_KEY, CombinationError, requested_weights
 
 ADAPTER_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"  # also the folder name under --adapters-dir
+ADAPTER_REFERENCE = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}(@[0-9a-f]{64})?$"  # a name, or name@<content_sha256>
 MAX_WEIGHT, MAX_ADAPTERS = 100.0, 16
 # request field -> the plugin's key with the same meaning
 FIELDS = {"adapter": ADAPTER_KEY, "adapter_scale": SCALE_KEY, "adapters": ADAPTERS_KEY}
 STEERING_KEYS = frozenset(FIELDS) | frozenset(FIELDS.values())  # every key that chooses steering
-_NAME = re.compile(ADAPTER_NAME)
+_REFERENCE = re.compile(ADAPTER_REFERENCE)
 
 
 class Steering(LoRARequest, omit_defaults=True, array_like=True):
@@ -64,11 +65,34 @@ class Steering(LoRARequest, omit_defaults=True, array_like=True):
 
 
 def check_name(name: Any) -> str:
-    """The adapter name, or :class:`VLLMValidationError` when it is not one (letters, digits, ``._-``, ≤ 64)."""
-    if not isinstance(name, str) or not _NAME.fullmatch(name):
+    """The adapter name (or pinned reference ``name@<content_sha256>``), or :class:`VLLMValidationError` when it
+    is not one (letters, digits, ``._-``, ≤ 64; the hash: 64 lower-case hex digits)."""
+    if not isinstance(name, str) or not _REFERENCE.fullmatch(name):
         raise VLLMValidationError(f"invalid adapter name {name!r}: use letters, digits, '.', '_' or '-' (at most "
-                                  "64, starting with a letter or digit)", parameter="adapter")
+                                  "64, starting with a letter or digit), optionally followed by @ and the 64 hex "
+                                  "digits of a content_sha256", parameter="adapter")
     return name
+
+
+def named_adapters(body: Any) -> set[str]:
+    """Every well-formed adapter name or reference a request body names, wherever a route reads one (``model``,
+    ``adapter``, ``adapters`` and the plugin's keys, in the body or in ``vllm_xargs``), leniently: malformed
+    choices are left for the route to refuse. How the server learns, before routing, what to load on a miss."""
+    if not isinstance(body, dict):
+        return set()
+    names = {body.get("model")}
+    for keys in (body, body.get("vllm_xargs")):
+        if not isinstance(keys, dict):
+            continue
+        for key in ("adapter", ADAPTER_KEY):
+            names.add(keys.get(key))
+        for key in ("adapters", ADAPTERS_KEY):
+            mix = keys.get(key)
+            if isinstance(mix, dict):
+                names.update(mix)
+            elif isinstance(mix, list):
+                names.update(item.rpartition(":")[0] or item for item in mix if isinstance(item, str))
+    return {n for n in names if isinstance(n, str) and _REFERENCE.fullmatch(n)}
 
 
 def steering_fields(fields: Mapping[str, Any] | None, xargs: Mapping[str, Any] | None) -> dict[str, Any]:

@@ -14,8 +14,8 @@ from __future__ import annotations
 from typing import Any
 
 from lofit.vllm.contract import (
+    ADAPTER_LOADS,
     RESOLVED_KEY,
-    RPC_LOAD,
     RPC_UNLOAD,
     Combination,
     CombinationError,
@@ -70,7 +70,7 @@ def record_rpc(loaded: dict[str, str] | None, method: Any, args: tuple, kwargs: 
     """Keep the engine's ``{name: content_sha256}`` in step with adapter loads and unloads on the workers."""
     if loaded is None or not isinstance(method, str):
         return
-    if method == RPC_LOAD:
+    if method in ADAPTER_LOADS:
         loaded[results[0]["name"]] = results[0]["content_sha256"]
     elif method == RPC_UNLOAD:
         loaded.pop(args[0] if args else (kwargs or {})["name"], None)
@@ -90,6 +90,6 @@ def live_content(core: Any) -> list[str]:
 def with_pins(core: Any, method: Any, kwargs: dict | None) -> dict | None:
     """``kwargs`` of an adapter load or unload RPC with ``pinned`` = :func:`live_content`, so the workers never
     evict content a live request still needs (other RPCs unchanged)."""
-    if loaded_adapters(core) is None or method not in (RPC_LOAD, RPC_UNLOAD):
+    if loaded_adapters(core) is None or method not in (*ADAPTER_LOADS, RPC_UNLOAD):
         return kwargs
     return {**(kwargs or {}), "pinned": live_content(core)}

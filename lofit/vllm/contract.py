@@ -39,7 +39,10 @@ AdapterChoice = str | dict[str, float] | None  # a name (strength 1), {name: wei
 
 # -- 3. worker RPCs (collective_rpc method names; lofit.vllm.worker implements them) ----------------------
 
-RPC_LOAD = "lofit_load"  # (path: str) -> {"name", "content_sha256", "num_heads"}
+RPC_LOAD = "lofit_load"  # (path: str) -> {"name", "content_sha256", "num_heads"}; path on the worker's node
+RPC_LOAD_BYTES = "lofit_load_bytes"  # (name: str, config: bytes, tensors: bytes) -> like RPC_LOAD; the files'
+#                                     bytes travel with the call, so workers on any node load the same content;
+#                                     name = the adapter's own name, or its pinned reference (pinned_reference)
 RPC_UNLOAD = "lofit_unload"  # (name: str) -> None
 RPC_LIST = "lofit_list"  # () -> {name: content_sha256}
 RPC_STATUS = "lofit_status"  # () -> {"bank": bool, "base": BaseModelIdentity dict | None, "runner": "v1"|"v2"|
@@ -47,6 +50,18 @@ RPC_STATUS = "lofit_status"  # () -> {"bank": bool, "base": BaseModelIdentity di
 RPC_LOAD_SELF_TEST = "lofit_load_self_test"  # (seed: int) -> like RPC_LOAD, under SELF_TEST_ADAPTER
 RPC_FULL_GRAPH_REPLAYS = "lofit_full_graph_replays"  # () -> int: FULL CUDA-graph launches in the worker so far
 SELF_TEST_ADAPTER = "__lofit_self_test__"
+ADAPTER_LOADS = (RPC_LOAD, RPC_LOAD_BYTES)  # the RPCs that make an adapter resident under a name
+
+
+def pinned_reference(name: str, content_sha256: str) -> str:
+    """``name@<content_sha256>``: a reference that always means exactly that content of adapter ``name``."""
+    return f"{name}@{content_sha256}"
+
+
+def split_reference(reference: str) -> tuple[str, str | None]:
+    """``(name, content_sha256)`` of ``name@<sha256>``; ``(reference, None)`` for a plain name."""
+    name, sep, sha = reference.partition("@")
+    return (name, sha) if sep else (reference, None)
 
 # -- 2. combinations and the prefix-cache salt ------------------------------------------------------------
 

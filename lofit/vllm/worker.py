@@ -10,11 +10,12 @@ and unload through the engine (``collective_rpc``), which also keeps the engine'
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
-from lofit.adapter import LofitAdapter, load_adapter
+from lofit.adapter import AdapterError, LofitAdapter, adapter_from_bytes, load_adapter
 from lofit.vllm.bank import active_bank, has_bank
-from lofit.vllm.contract import SELF_TEST_ADAPTER
+from lofit.vllm.contract import SELF_TEST_ADAPTER, pinned_reference
 
 V1_RUNNER_MODULE = "vllm.v1.worker.gpu_model_runner"  # GPUModelRunner of the V1 runner (CPU build's base)
 V2_RUNNER_MODULE = "vllm.v1.worker.gpu.model_runner"  # GPUModelRunner of the V2 runner (GPU default)
@@ -43,6 +44,21 @@ class LofitWorkerMethods:
         (``pinned``: content hashes of live requests, never evicted; the engine core adds them)."""
         bank = active_bank()
         adapter = load_adapter(path, expect_base=bank.base)
+        return {"name": adapter.name, "content_sha256": bank.load(adapter, pinned or ()),
+                "num_heads": adapter.num_heads}
+
+    def lofit_load_bytes(self, name: str, config: bytes, tensors: bytes,
+                         pinned: list[str] | None = None) -> dict[str, Any]:
+        """Like :meth:`lofit_load`, for an adapter given as the bytes of ``adapter_config.json`` and
+        ``adapter.safetensors`` (validated here exactly as a folder is). ``name`` is the adapter's own name, or
+        ``name@<content_sha256>`` (its pinned reference) to keep that content under a name of its own."""
+        bank = active_bank()
+        adapter = adapter_from_bytes(config, tensors, expect_base=bank.base, where=f"adapter {name!r}")
+        if name not in (adapter.name, pinned_reference(adapter.name, adapter.content_sha256)):
+            raise AdapterError(f"adapter {name!r}: the files hold adapter {adapter.name!r} with content "
+                               f"{adapter.content_sha256[:16]}…; load it as its name or as name@<its content_sha256>")
+        if name != adapter.name:
+            adapter = dataclasses.replace(adapter, name=name)
         return {"name": adapter.name, "content_sha256": bank.load(adapter, pinned or ()),
                 "num_heads": adapter.num_heads}
 

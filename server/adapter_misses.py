@@ -1,0 +1,226 @@
+"""Load-on-miss in the API server: adapters a request names that this replica has not loaded come from the store.
+
+vLLM answers an unknown ``model`` through its LoRA resolvers (``vllm/lora/resolver.py``: a plugin turns the name
+into an adapter at request time); Ray Serve LLM and LoRAX download an adapter on its first request. Here
+:class:`LoadOnMiss`, an ASGI middleware inside the key check, reads a request's JSON body before it is routed,
+collects every adapter it names (:func:`server.steering.named_adapters`) and hands them to
+:meth:`StoreLoader.ensure`, which for each name:
+
+* not loaded: reads it from the store (:class:`server.adapter_store.AdapterStore`), validates it exactly as a
+  local adapter, writes it to this node's cache folder and loads it on every worker — then the request is routed
+  as usual (a name the store lacks is the route's usual 404);
+* loaded from the store longer ago than the TTL: asks the store for its current content hash (one small read)
+  and reloads if it changed, unloads if it is gone (a store that cannot be reached leaves it as it is);
+* ``name@<content_sha256>``: loads exactly that content (kept by the store under ``.versions``, or the loaded or
+  current content of ``name`` when it is that one), under that reference, never revalidated.
+
+Concurrent misses for one name share one fetch (an :func:`asyncio.shield`-ed task, so a client that goes away
+does not cancel it for the others). A broken object is the request's 400 and nothing is loaded; a store that
+cannot be read is 503.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from lofit.adapter import CONFIG_FILE, TENSORS_FILE, AdapterHashMismatchError
+from lofit.vllm.contract import split_reference
+from server.adapter_store import AdapterStore, StoreMiss, StoreUnavailable
+from server.auth import send_error
+from server.registry import FROM_STORE, AdapterRegistry, InvalidAdapter, Record, UnknownAdapter, write_folder
+from server.steering import named_adapters
+
+log = logging.getLogger("lofit.server")
+TORN_READ_RETRIES = 3  # a reader that meets a half-updated pair of objects reads again after a short pause
+ADMIN_PATHS = ("/adapters", "/v1/load_lora_adapter", "/v1/unload_lora_adapter")
+
+
+class StoreLoader:
+    """Adapters from the store, loaded into ``registry`` on a miss (module docstring).
+
+    Args:
+        registry: the server's adapter registry.
+        store: the shared store, or ``None`` (then only pinned references of loaded adapters resolve).
+        cache_dir: this node's folder for the files fetched from the store (one folder per reference).
+        ttl: seconds a store-loaded adapter is served before its content hash is checked again.
+    """
+
+    def __init__(self, registry: AdapterRegistry, store: AdapterStore | None, cache_dir: Path | None,
+                 ttl: float) -> None:
+        self.registry, self.store, self.cache_dir, self.ttl = registry, store, cache_dir, ttl
+        self.fetches = 0  # adapters read from the store
+        self._inflight: dict[str, asyncio.Future] = {}
+
+    async def ensure(self, references: Iterable[str]) -> None:
+        """Make every adapter in ``references`` that the store (or a loaded adapter) can supply loaded and current.
+
+        Raises:
+            InvalidAdapter: an object in the store fails validation (nothing is loaded).
+            StoreUnavailable: the store could not be read for an adapter this replica does not have.
+        """
+        for reference in sorted(set(references) - self.registry.reserved):
+            if self._needs_work(reference):
+                await self._shared(reference, self._settle)
+
+    async def refresh(self, name: str) -> Record:
+        """Read ``name`` from the store now, whatever its age (``POST /adapters/{name}/reload``).
+
+        Raises:
+            UnknownAdapter: the store has no such adapter (it is unloaded here if it was loaded).
+        """
+        record = self.registry.records.get(name)
+        if record is not None:
+            record.checked_at = float("-inf")
+        await self._shared(name, self._settle)
+        record = self.registry.records.get(name)
+        if record is None:
+            raise UnknownAdapter(f"adapter {name!r} is not in the adapter store {self.store.uri}")
+        return record
+
+    async def publish(self, name: str, files: dict[str, bytes]) -> tuple[Record, bool]:
+        """Write an uploaded adapter through to the store, then cache and load it here.
+
+        Raises:
+            InvalidAdapter: the files fail validation (nothing is written).
+            StoreUnavailable: the store could not be written (nothing is loaded).
+        """
+        adapter = self.registry.validate_files(files, name, f"upload {name!r}")
+        await asyncio.to_thread(self.store.write, name, files, adapter.content_sha256)
+        return await self._load(name, files, self.store.where(name))
+
+    def _needs_work(self, reference: str) -> bool:
+        record = self.registry.records.get(reference)
+        if record is None:
+            return self.store is not None or "@" in reference
+        return self.store is not None and "@" not in reference and record.source == FROM_STORE and (
+            time.monotonic() - record.checked_at >= self.ttl)
+
+    async def _shared(self, reference: str, work: Any) -> None:
+        task = self._inflight.get(reference)
+        if task is None:
+            task = asyncio.ensure_future(work(reference))
+            self._inflight[reference] = task
+            task.add_done_callback(lambda _: self._inflight.pop(reference, None))
+        await asyncio.shield(task)
+
+    async def _settle(self, reference: str) -> None:
+        name, sha = split_reference(reference)
+        record = self.registry.records.get(reference)
+        if sha is not None:
+            plain = self.registry.records.get(name)
+            if plain is not None and plain.adapter.content_sha256 == sha:  # the loaded content: its own bytes
+                await self.registry.load_files(reference, plain.files, plain.source, plain.path)
+                return
+        if self.store is None:
+            return
+        if record is not None:  # a store-loaded adapter past its TTL
+            try:
+                current = await asyncio.to_thread(self.store.current_sha, name)
+            except StoreUnavailable as exc:
+                log.warning("adapter %s: store not reachable, serving the loaded content (%s)", name, exc)
+                record.checked_at = time.monotonic()
+                return
+            if current == record.adapter.content_sha256:
+                record.checked_at = time.monotonic()
+                return
+            if current is None:
+                log.info("adapter %s is no longer in the store: unloaded", name)
+                await self.registry.unload(reference)
+                return
+        await self._fetch(reference, name, sha)
+
+    async def _fetch(self, reference: str, name: str, sha: str | None) -> None:
+        self.registry.check_reference(reference)
+        for attempt in range(TORN_READ_RETRIES):
+            try:
+                stored = await asyncio.to_thread(self.store.read, name, sha)
+            except StoreMiss:
+                if reference in self.registry.records:
+                    await self.registry.unload(reference)
+                return  # the route answers its usual 404
+            files = {CONFIG_FILE: stored.config, TENSORS_FILE: stored.tensors}
+            try:
+                await self._load(reference, files, stored.where)
+                self.fetches += 1
+                return
+            except InvalidAdapter as exc:
+                torn = isinstance(exc.__cause__, AdapterHashMismatchError)
+                if not torn or attempt == TORN_READ_RETRIES - 1:
+                    raise InvalidAdapter(f"adapter {reference!r} in the adapter store is not valid: {exc}") from exc
+                await asyncio.sleep(0.05 * (attempt + 1))
+
+    async def _load(self, reference: str, files: dict[str, bytes], where: str) -> tuple[Record, bool]:
+        self.registry.validate_files(files, reference, where)
+        path = None
+        if self.cache_dir is not None:
+            path = self.cache_dir / reference
+            await asyncio.to_thread(write_folder, path, files)
+        return await self.registry.load_files(reference, files, FROM_STORE, path, where)
+
+
+class LoadOnMiss:
+    """Pure ASGI middleware: before a request is routed, the adapters its JSON body names are made available by
+    :meth:`StoreLoader.ensure` (runs inside the key check: an unauthorised request never reaches the store)."""
+
+    def __init__(self, app: Any, settings: Any) -> None:
+        self.app, self.settings = app, settings
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        state = getattr(getattr(scope.get("app"), "state", None), "lofit", None)
+        loader = getattr(state, "store_loader", None)
+        if (scope["type"] != "http" or scope["method"] != "POST" or loader is None
+                or scope["path"].startswith(ADMIN_PATHS)):
+            await self.app(scope, receive, send)
+            return
+        chunks, more = [], True
+        try:
+            while more:
+                message = await receive()
+                if message["type"] != "http.request":
+                    break
+                chunks.append(message.get("body", b""))
+                more = message.get("more_body", False)
+        except Exception as exc:  # the body limit: let the route raise it, as without this layer
+            await self.app(scope, _raising(exc), send)
+            return
+        body = b"".join(chunks)
+        if loader.store is not None or b"@" in body:
+            try:
+                names = named_adapters(json.loads(body)) if body else set()
+            except (ValueError, RecursionError):
+                names = set()  # not JSON: the route refuses it
+            try:
+                await loader.ensure(names)
+            except InvalidAdapter as exc:
+                await send_error(send, 400, str(exc), "BadRequestError")
+                return
+            except StoreUnavailable as exc:
+                await send_error(send, 503, f"the adapter store cannot be read: {exc}", "ServiceUnavailableError")
+                return
+        await self.app(scope, _replaying(body, receive), send)
+
+
+def _replaying(body: bytes, receive: Any) -> Any:
+    sent = False
+
+    async def replay() -> dict:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
+
+
+def _raising(exc: BaseException) -> Any:
+    async def fail() -> dict:
+        raise exc
+
+    return fail
