@@ -92,7 +92,7 @@ class StoreLoader:
         """
         adapter = self.registry.validate_files(files, name, f"upload {name!r}")
         await asyncio.to_thread(self.store.write, name, files, adapter.content_sha256)
-        return await self._load(name, files, self.store.where(name))
+        return await self._load(name, files, f"upload {name!r}")
 
     def _needs_work(self, reference: str) -> bool:
         record = self.registry.records.get(reference)
@@ -146,7 +146,7 @@ class StoreLoader:
                 return  # the route answers its usual 404
             files = {CONFIG_FILE: stored.config, TENSORS_FILE: stored.tensors}
             try:
-                await self._load(reference, files, stored.where)
+                await self._load(reference, files, f"the adapter store's {reference}")
                 self.fetches += 1
                 return
             except InvalidAdapter as exc:

@@ -7,7 +7,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from server.steering import ADAPTER_NAME
+from server.steering import ADAPTER_NAME, ADAPTER_REFERENCE
 
 STREAMED = {"text/event-stream": {"schema": {  # the 200 answer of `stream: true`: each server-sent event
     "type": "object", "required": ["data"], "description": "`data` is a JSON object, or `[DONE]` at the end",
@@ -45,7 +45,8 @@ class GenerateRequest(Sampling):
     prompt: str | list[str] = Field(..., description="one prompt, or a list (one result each)")
     model: str | None = Field(None, description="as on /v1: the served model's name (no adapter) or an adapter's "
                               "name (that adapter at strength 1); null = the served model")
-    adapter: str | None = Field(None, pattern=ADAPTER_NAME, description="a loaded adapter; null = base model")
+    adapter: str | None = Field(None, pattern=ADAPTER_REFERENCE, description="an adapter's name (or "
+                                "name@<content_sha256>: exactly that content); null = base model")
     adapter_scale: float | None = Field(None, ge=-100.0, le=100.0, allow_inf_nan=False,
                                         description="strength of `adapter` (or of the adapter named as `model`); "
                                                     "default 1")
@@ -78,7 +79,7 @@ class GenerateRequest(Sampling):
             if not 1 <= len(value) <= 16:
                 raise ValueError("adapters: give 1 to 16 {name: weight} entries")
             for name, weight in value.items():
-                if not re.fullmatch(ADAPTER_NAME, name):
+                if not re.fullmatch(ADAPTER_REFERENCE, name):
                     raise ValueError(f"adapters: invalid adapter name {name!r}")
                 if not -100.0 <= weight <= 100.0:
                     raise ValueError(f"adapters: weight of {name!r} must be within [-100, 100]")
@@ -129,6 +130,8 @@ class AdapterInfo(BaseModel):
     metrics: dict
     created_at: str | None
     loaded_at: str
+    source: str = Field("adapters-dir", description="where its files came from: 'adapters-dir' (the server's "
+                        "folder, or an upload without a store) or 'store' (--adapter-store)")
     requests_served: int
 
 

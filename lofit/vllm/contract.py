@@ -67,7 +67,7 @@ def split_reference(reference: str) -> tuple[str, str | None]:
 
 SALT_PREFIX = "lofit:"
 MAX_SALT_LENGTH = 128  # vLLM's limit on cache_salt
-FORBIDDEN_SALT_CHARS = frozenset("@/\\\x00")
+FORBIDDEN_NAME_CHARS = frozenset("/\\\x00")  # '@' is allowed: a pinned reference is name@<content_sha256>
 
 
 class CombinationError(ValueError):
@@ -84,11 +84,11 @@ class Combination:
     def of(cls, parts: dict[str, tuple[str, float]]) -> Combination:
         """From ``{name: (content_sha256, weight)}``; zero-weight entries are dropped.
 
-        Raises :class:`CombinationError` for an empty result, a non-finite weight or a name that cannot be
-        part of a cache salt."""
+        Raises :class:`CombinationError` for an empty result, a non-finite weight or an empty name, or one with
+        a path separator or NUL."""
         out = []
         for name, (sha, weight) in sorted(parts.items()):
-            if not name or any(c in FORBIDDEN_SALT_CHARS for c in name):
+            if not name or any(c in FORBIDDEN_NAME_CHARS for c in name):
                 raise CombinationError(f"invalid adapter name {name!r}")
             weight = float(weight)
             if not math.isfinite(weight):

@@ -9,6 +9,8 @@ beside vLLM's own OpenAI server: the conformance and real-client tests).
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import subprocess
 from collections.abc import Iterator, Sequence
@@ -66,6 +68,36 @@ def start_server(log_dir: Path, adapters_dir: Path, extra_args: Sequence[str] = 
             yield Server(server.url, adapters_dir, server.proc, server.log)
     except ServerStartError as exc:
         pytest.fail(str(exc))
+
+
+@pytest.fixture(scope="session")
+def s3_url(tmp_path_factory):
+    """The URL of moto's S3 server (an S3 API from PyPI) in this process, with bucket ``lofit-adapters`` and a
+    recorder of the requests it serves (:func:`start_recording`, :func:`s3_requests`)."""
+    from moto.server import ThreadedMotoServer
+
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", "test")
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "test")
+    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+    os.environ["MOTO_RECORDER_FILEPATH"] = str(tmp_path_factory.mktemp("moto") / "recording")  # not the cwd
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    url = f"http://{host}:{port}"
+    import boto3
+
+    boto3.client("s3", endpoint_url=url).create_bucket(Bucket="lofit-adapters")
+    yield url
+    server.stop()
+
+
+def start_recording(url: str) -> None:
+    httpx.post(f"{url}/moto-api/recorder/reset-recording")
+    httpx.post(f"{url}/moto-api/recorder/start-recording")
+
+
+def s3_requests(url: str) -> list[dict]:
+    return [json.loads(line) for line in httpx.get(f"{url}/moto-api/recorder/download-recording").text.splitlines()]
 
 
 SHARED = ("main_server", "battery_server", "peers")  # session servers, each stopped after its last test

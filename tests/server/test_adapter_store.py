@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 from pathlib import Path
 
 import httpx
@@ -17,10 +16,11 @@ from lofit.adapter import CONFIG_FILE, MAX_TENSORS_BYTES, TENSORS_FILE, LofitAda
 from lofit.vllm.bank import AdapterBank, install_bank
 from lofit.vllm.contract import pinned_reference
 from lofit.vllm.worker import LofitWorkerMethods
-from server.adapter_misses import StoreLoader
+from server.adapter_misses import LoadOnMiss, StoreLoader
 from server.adapter_store import VERSIONS, AdapterStore, StoreMiss, StoreUnavailable
 from server.registry import FROM_STORE, AdapterRegistry, InvalidAdapter, UnknownAdapter
 from server.steering import named_adapters
+from tests.server.conftest import s3_requests, start_recording
 
 HEADS = [(0, 1), (2, 3), (4, 5)]
 
@@ -39,34 +39,6 @@ class InProcessEngine:
         self.calls.append(method)
         await asyncio.sleep(0)  # a real RPC yields to the event loop
         return [getattr(self.worker, method)(*args, **(kwargs or {}))]
-
-
-@pytest.fixture(scope="module")
-def s3_url():
-    """moto's S3 server in this process, with a recorder of the requests it serves."""
-    from moto.server import ThreadedMotoServer
-
-    os.environ.setdefault("AWS_ACCESS_KEY_ID", "test")
-    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "test")
-    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    url = f"http://{host}:{port}"
-    import boto3
-
-    boto3.client("s3", endpoint_url=url).create_bucket(Bucket="lofit-adapters")
-    yield url
-    server.stop()
-
-
-def start_recording(url: str) -> None:
-    httpx.post(f"{url}/moto-api/recorder/reset-recording")
-    httpx.post(f"{url}/moto-api/recorder/start-recording")
-
-
-def s3_requests(url: str) -> list[dict]:
-    return [json.loads(line) for line in httpx.get(f"{url}/moto-api/recorder/download-recording").text.splitlines()]
 
 
 @pytest.fixture(params=["memory", "file", "s3"])
@@ -301,3 +273,47 @@ def test_file_store_writes_leave_no_partial_files(stories_identity, tmp_path):
 def test_an_unknown_protocol_is_a_clear_error():
     with pytest.raises(ValueError, match="adapter store 'nosuch://x'"):
         AdapterStore("nosuch://x")
+
+
+def middleware_app(loader: StoreLoader):
+    """A bare Starlette app behind :class:`LoadOnMiss` whose route echoes the body it received and what is
+    loaded by then."""
+    from types import SimpleNamespace
+
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    async def echo(request):
+        return JSONResponse({"body": (await request.body()).decode(), "loaded": sorted(loader.registry.records)})
+
+    app = Starlette(routes=[Route("/v1/completions", echo, methods=["POST"]),
+                            Route("/adapters", echo, methods=["POST"])])
+    app.state.lofit = SimpleNamespace(store_loader=loader)
+    app.add_middleware(LoadOnMiss, settings=None)
+    return app
+
+
+def test_the_middleware_loads_what_a_request_names_before_it_is_routed(stories_identity, tmp_path):
+    from starlette.testclient import TestClient
+
+    store = AdapterStore("memory://lofit-middleware")
+    publish_by_hand(store, adapter(stories_identity, "tqa", seed=40))
+    for filename, data in broken_objects(stories_identity)["not JSON"].items():
+        store.fs.pipe_file(f"{store.root}/bad/{filename}", data)
+    loader = replica(stories_identity, store, tmp_path / "c")
+    with TestClient(middleware_app(loader)) as client:
+        body = json.dumps({"model": "base", "prompt": "x", "vllm_xargs": {"lofit_adapters": ["tqa:0.5"]}})
+        answer = client.post("/v1/completions", content=body, headers={"content-type": "application/json"})
+        assert answer.status_code == 200 and answer.json() == {"body": body, "loaded": ["tqa"]}  # body replayed
+        refused = client.post("/v1/completions", json={"model": "bad", "prompt": "x"})
+        assert refused.status_code == 400 and "'bad' in the adapter store is not valid" in refused.json()[
+            "error"]["message"]
+        assert client.post("/v1/completions", content=b"{not json").json()["body"] == "{not json"
+        assert client.post("/adapters", json={"name": "bad"}).status_code == 200  # admin routes: no miss handling
+        assert loader.registry.records.keys() == {"tqa"}
+    down = replica(stories_identity, AdapterStore("s3://lofit-adapters/x", {
+        "endpoint_url": "http://127.0.0.1:9", "config_kwargs": {"retries": {"max_attempts": 1}}}), tmp_path / "d")
+    with TestClient(middleware_app(down)) as client:
+        unavailable = client.post("/v1/completions", json={"model": "tqa", "prompt": "x"})
+        assert unavailable.status_code == 503 and "adapter store cannot be read" in unavailable.text
