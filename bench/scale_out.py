@@ -42,8 +42,12 @@ ENGINE = ["--dtype", "float32", "--max-model-len", "512", "--max-num-seqs", "16"
 
 def s3_server(stack: ExitStack) -> str:
     """moto's S3 server in this process, with a bucket; its URL (and test credentials in the environment)."""
+    import logging
+
     import boto3
     from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per S3 request otherwise
 
     for key, value in {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
                        "AWS_DEFAULT_REGION": "us-east-1"}.items():

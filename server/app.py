@@ -167,8 +167,28 @@ async def start(app: FastAPI, state: ServerState) -> None:
         except InvalidAdapter as exc:
             state.skipped_adapters[name] = str(exc)
             log.error("adapter %s skipped: %s", name, exc)
+    await preload_from_store(state)
     state.metrics.adapters_loaded.set(len(state.registry.records))
     state.ready = True
+
+
+async def preload_from_store(state: ServerState) -> None:
+    """Load ``--adapter-store-preload`` (names, or every adapter of the store) through the same path as a miss;
+    one that fails is reported under ``skipped``, as a broken folder is."""
+    loader, names = state.store_loader, state.settings.adapter_store_preload
+    if loader.store is None or not names:
+        return
+    if names == ["all"]:
+        names = await asyncio.to_thread(loader.store.names)
+    for name in names:
+        try:
+            await loader.ensure([name])
+            if name not in state.registry.records:
+                raise InvalidAdapter(f"adapter {name!r} is not in the adapter store")
+            log.info("adapter %s loaded from the store", name)
+        except (InvalidAdapter, StoreUnavailable) as exc:
+            state.skipped_adapters[name] = str(exc)
+            log.error("adapter %s skipped: %s", name, exc)
 
 
 async def watch_engine(state: ServerState) -> None:

@@ -42,6 +42,18 @@ def json_object(text: str) -> dict:
     return value
 
 
+def adapter_names(text: str) -> list[str]:
+    """A comma-separated list of adapter names, or ``all`` (``argparse`` type)."""
+    import re
+
+    from server.steering import ADAPTER_NAME
+
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if names != ["all"] and not all(re.fullmatch(ADAPTER_NAME, n) for n in names):
+        raise ValueError("not a comma-separated list of adapter names")
+    return names
+
+
 def check_architecture(parser: argparse.ArgumentParser, model: Path) -> None:
     """Refuse, before any engine starts, a checkpoint of an architecture vLLM does not serve natively."""
     from lofit.vllm.architectures import wrapper_for
@@ -81,6 +93,8 @@ def parse(argv: list[str] | None = None) -> Settings:
          "(e.g. '{\"endpoint_url\": \"http://minio:9000\"}')")
     flag("--adapter-cache-dir", defaults.adapter_cache_dir, Path, doc="this node's folder for adapters fetched "
          "from the store (default: $XDG_CACHE_HOME/lofit/adapters)")
+    flag("--adapter-store-preload", [], adapter_names, doc="adapters loaded from the store at start, comma-separated, "
+         "or 'all' (the others load on their first request)")
     flag("--adapter-store-ttl", defaults.adapter_store_ttl, float, doc="seconds a store adapter is served before "
          "its content hash in the store is checked again (0: on every request)")
     flag("--host", defaults.host)
@@ -123,6 +137,8 @@ def parse(argv: list[str] | None = None) -> Settings:
         parser.exit(2, "lofit-serve: --max-prompt-tokens must be at least 1 and below --max-model-len\n")
     if not (args.adapter_store_ttl >= 0 and args.adapter_store_ttl != float("inf")):
         parser.exit(2, "lofit-serve: --adapter-store-ttl must be a number of seconds, at least 0\n")
+    if args.adapter_store_preload and args.adapter_store is None:
+        parser.exit(2, "lofit-serve: --adapter-store-preload needs --adapter-store\n")
     if args.adapter_store is not None:
         from server.adapter_store import AdapterStore
 
@@ -132,7 +148,8 @@ def parse(argv: list[str] | None = None) -> Settings:
             parser.exit(2, f"lofit-serve: --adapter-store: {exc}\n")
     return Settings(model=args.model, adapters_dir=args.adapters_dir, adapter_store=args.adapter_store,
                     adapter_store_options=args.adapter_store_options, adapter_cache_dir=args.adapter_cache_dir,
-                    adapter_store_ttl=args.adapter_store_ttl, host=args.host, port=args.port,
+                    adapter_store_ttl=args.adapter_store_ttl, adapter_store_preload=args.adapter_store_preload,
+                    host=args.host, port=args.port,
                     api_key=args.api_key, admin_key=args.admin_key, served_model_name=args.served_model_name,
                     dtype=args.dtype, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                     max_adapters=args.max_adapters, max_prompt_tokens=args.max_prompt_tokens,

@@ -26,6 +26,7 @@ class Settings:
     adapter_store_options: dict[str, Any] = field(default_factory=dict)  # fsspec storage options
     adapter_cache_dir: Path = field(default_factory=default_cache_dir)  # this node's copy of fetched adapters
     adapter_store_ttl: float = 30.0  # seconds before a store-loaded adapter's content hash is checked again
+    adapter_store_preload: list[str] = field(default_factory=list)  # names loaded from the store at start ("all")
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = None  # inference routes (Authorization: Bearer <key>)

@@ -317,3 +317,21 @@ def test_the_middleware_loads_what_a_request_names_before_it_is_routed(stories_i
     with TestClient(middleware_app(down)) as client:
         unavailable = client.post("/v1/completions", json={"model": "tqa", "prompt": "x"})
         assert unavailable.status_code == 503 and "adapter store cannot be read" in unavailable.text
+
+
+def test_preloading_from_the_store_loads_the_names_asked_for_and_reports_the_rest(stories_identity, tmp_path):
+    from types import SimpleNamespace
+
+    from server.app import preload_from_store
+
+    store = AdapterStore("memory://lofit-preload")
+    for i in range(2):
+        publish_by_hand(store, adapter(stories_identity, f"p{i}", seed=50 + i))
+    for filename, data in broken_objects(stories_identity)["not JSON"].items():
+        store.fs.pipe_file(f"{store.root}/bad/{filename}", data)
+    for names, loaded, skipped in ((["all"], {"p0", "p1"}, {"bad"}), (["p1", "gone"], {"p1"}, {"gone"})):
+        loader = replica(stories_identity, store, tmp_path / str(names))
+        state = SimpleNamespace(store_loader=loader, registry=loader.registry, skipped_adapters={},
+                                settings=SimpleNamespace(adapter_store_preload=names))
+        run(preload_from_store(state))
+        assert set(loader.registry.records) == loaded and set(state.skipped_adapters) == skipped
