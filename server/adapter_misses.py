@@ -14,9 +14,10 @@ collects every adapter it names (:func:`server.steering.named_adapters`) and han
 * ``name@<content_sha256>``: loads exactly that content (kept by the store under ``.versions``, or the loaded or
   current content of ``name`` when it is that one), under that reference, never revalidated.
 
-Concurrent misses for one name share one fetch (an :func:`asyncio.shield`-ed task, so a client that goes away
-does not cancel it for the others). A broken object is the request's 400 and nothing is loaded; a store that
-cannot be read is 503.
+A name the store lacks is not looked up again for 2 s (or the TTL, if shorter), so clients sending a model name
+the store does not have cost one read, not one per request. Concurrent misses for one name share one fetch (an
+:func:`asyncio.shield`-ed task, so a client that goes away does not cancel it for the others). A broken object is
+the request's 400 and nothing is loaded; a store that cannot be read is 503.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from server.registry import FROM_STORE, AdapterRegistry, InvalidAdapter, Record,
 from server.steering import named_adapters
 
 log = logging.getLogger("lofit.server")
+ABSENT_TTL_S = 2.0  # a name the store lacked is looked up again after this long (or the TTL, if shorter)
 TORN_READ_RETRIES = 3  # a reader that meets a half-updated pair of objects reads again after a short pause
 ADMIN_PATHS = ("/adapters", "/v1/load_lora_adapter", "/v1/unload_lora_adapter")
 
@@ -56,6 +58,7 @@ class StoreLoader:
         self.registry, self.store, self.cache_dir, self.ttl = registry, store, cache_dir, ttl
         self.fetches = 0  # adapters read from the store
         self._inflight: dict[str, asyncio.Future] = {}
+        self._absent: dict[str, float] = {}  # names the store lacked, and when: not asked again for a moment
 
     async def ensure(self, references: Iterable[str]) -> None:
         """Make every adapter in ``references`` that the store (or a loaded adapter) can supply loaded and current.
@@ -77,6 +80,7 @@ class StoreLoader:
         record = self.registry.records.get(name)
         if record is not None:
             record.checked_at = float("-inf")
+        self._absent.pop(name, None)
         await self._shared(name, self._settle)
         record = self.registry.records.get(name)
         if record is None:
@@ -92,11 +96,15 @@ class StoreLoader:
         """
         adapter = self.registry.validate_files(files, name, f"upload {name!r}")
         await asyncio.to_thread(self.store.write, name, files, adapter.content_sha256)
+        self._absent.pop(name, None)
         return await self._load(name, files, f"upload {name!r}")
 
     def _needs_work(self, reference: str) -> bool:
         record = self.registry.records.get(reference)
         if record is None:
+            absent = self._absent.get(reference)
+            if absent is not None and time.monotonic() - absent < min(self.ttl, ABSENT_TTL_S):
+                return False  # clients that send a model name the store lacks do not cost a read each
             return self.store is not None or "@" in reference
         return self.store is not None and "@" not in reference and record.source == FROM_STORE and (
             time.monotonic() - record.checked_at >= self.ttl)
@@ -143,7 +151,11 @@ class StoreLoader:
             except StoreMiss:
                 if reference in self.registry.records:
                     await self.registry.unload(reference)
+                if len(self._absent) > 10_000:
+                    self._absent.clear()
+                self._absent[reference] = time.monotonic()
                 return  # the route answers its usual 404
+            self._absent.pop(reference, None)
             files = {CONFIG_FILE: stored.config, TENSORS_FILE: stored.tensors}
             try:
                 await self._load(reference, files, f"the adapter store's {reference}")

@@ -142,15 +142,24 @@ def start_engine(model_dir: Path, architecture: str, **engine_args):
 
 
 def engine_tokens(model_dir: Path, architecture: str, adapters: dict[str, LofitAdapter], tmp_path: Path,
-                  **engine_args) -> list[list[int]]:
+                  by_bytes: bool = False, **engine_args) -> list[list[int]]:
+    """Greedy tokens of :data:`CASES` from an engine, the adapters loaded by path (``lofit_load``) or, with
+    ``by_bytes``, as their files' bytes (``lofit_load_bytes``: how lofit-serve loads, on every rank)."""
     from vllm import SamplingParams
 
     llm = start_engine(model_dir, architecture, **engine_args)
     try:
         for key, adapter in adapters.items():
-            path = adapter.save(tmp_path / key)
-            [info] = llm.collective_rpc("lofit_load", args=(str(path),))[:1]
-            assert info["name"] == key
+            if by_bytes:
+                files = adapter.files()
+                infos = llm.collective_rpc("lofit_load_bytes", args=(key, files["adapter_config.json"],
+                                                                     files["adapter.safetensors"]))
+                assert len(infos) == engine_args.get("tensor_parallel_size", 1)  # every rank loaded it
+                assert {i["content_sha256"] for i in infos} == {adapter.content_sha256}
+            else:
+                path = adapter.save(tmp_path / key)
+                infos = llm.collective_rpc("lofit_load", args=(str(path),))
+            assert infos[0]["name"] == key
         params = [SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True, extra_args=x)
                   for x, _ in CASES]
         prompts = [PROMPTS[i % len(PROMPTS)] for i in range(len(CASES))]
@@ -198,7 +207,7 @@ def test_tensor_parallel_ranks_steer_their_own_heads(tmp_path, monkeypatch):
     adapters = {"A": random_adapter(model_dir, "A", [(0, 1), (1, 3), (2, 0)], seed=1),
                 "B": random_adapter(model_dir, "B", [(0, 1), (2, 2)], seed=2)}
     expected = reference_tokens(model_dir, adapters)
-    assert engine_tokens(model_dir, "LofitLlamaForCausalLM", adapters, tmp_path, tensor_parallel_size=2,
+    assert engine_tokens(model_dir, "LofitLlamaForCausalLM", adapters, tmp_path, by_bytes=True, tensor_parallel_size=2,
                          distributed_executor_backend="mp") == expected
 
 
