@@ -66,6 +66,7 @@ ROUTES: dict[tuple[str, str], tuple[str, dict, dict, int]] = {
     ("GET", "/adapters/{name}"): (INFERENCE, {}, {"name": "good"}, 200),
     ("POST", "/adapters"): (ADMIN, {"json": {"name": "good"}}, {}, 200),
     ("PUT", "/adapters/{name}"): (ADMIN, {"lazy": _probe_upload}, {"name": PROBE}, 200),
+    ("POST", "/adapters/{name}/reload"): (ADMIN, {}, {"name": "good"}, 200),
     ("DELETE", "/adapters/{name}"): (ADMIN, {}, {"name": PROBE}, 200),
     ("POST", "/v1/load_lora_adapter"): (ADMIN, {"json": {"lora_name": "good", "lora_path": "good"}}, {}, 200),
     ("POST", "/v1/unload_lora_adapter"): (ADMIN, {"json": {"lora_name": PROBE}}, {}, 200),
