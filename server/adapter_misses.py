@@ -34,13 +34,24 @@ from lofit.adapter import CONFIG_FILE, TENSORS_FILE, AdapterHashMismatchError
 from lofit.vllm.contract import split_reference
 from server.adapter_store import AdapterStore, StoreMiss, StoreUnavailable
 from server.auth import send_error
-from server.registry import FROM_STORE, AdapterRegistry, InvalidAdapter, Record, UnknownAdapter, write_folder
-from server.steering import named_adapters
+from server.registry import (
+    FROM_STORE,
+    AdapterCapacity,
+    AdapterRegistry,
+    InvalidAdapter,
+    Record,
+    UnknownAdapter,
+    write_folder,
+)
+from server.steering import MAX_ADAPTERS, named_adapters
 
 log = logging.getLogger("lofit.server")
 ABSENT_TTL_S = 2.0  # a name the store lacked is looked up again after this long (or the TTL, if shorter)
 TORN_READ_RETRIES = 3  # a reader that meets a half-updated pair of objects reads again after a short pause
 ADMIN_PATHS = ("/adapters", "/v1/load_lora_adapter", "/v1/unload_lora_adapter")
+MAX_NAMES = MAX_ADAPTERS + 1  # a request may name its adapters (16) and its model
+UNAVAILABLE = ("the adapter store cannot be read now (the server log says why); adapters already loaded are "
+               "served, retry later for this one")
 
 
 class StoreLoader:
@@ -54,8 +65,9 @@ class StoreLoader:
     """
 
     def __init__(self, registry: AdapterRegistry, store: AdapterStore | None, cache_dir: Path | None,
-                 ttl: float) -> None:
+                 ttl: float, metrics: Any = None) -> None:
         self.registry, self.store, self.cache_dir, self.ttl = registry, store, cache_dir, ttl
+        self.metrics = metrics  # server.metrics.Metrics: loads from the store count in lofit_adapter_loads_total
         self.fetches = 0  # adapters read from the store
         self._inflight: dict[str, asyncio.Future] = {}
         self._absent: dict[str, float] = {}  # names the store lacked, and when: not asked again for a moment
@@ -81,7 +93,7 @@ class StoreLoader:
         if record is not None:
             record.checked_at = float("-inf")
         self._absent.pop(name, None)
-        await self._shared(name, self._settle)
+        await self._shared(name, self._settle_strictly)
         record = self.registry.records.get(name)
         if record is None:
             raise UnknownAdapter(f"adapter {name!r} is not in the adapter store {self.store.uri}")
@@ -106,7 +118,8 @@ class StoreLoader:
             if absent is not None and time.monotonic() - absent < min(self.ttl, ABSENT_TTL_S):
                 return False  # clients that send a model name the store lacks do not cost a read each
             return self.store is not None or "@" in reference
-        return self.store is not None and "@" not in reference and record.source == FROM_STORE and (
+        record.last_used = time.monotonic()  # named by a request on its way: not the one to make room
+        return self.store is not None and "@" not in reference and (
             time.monotonic() - record.checked_at >= self.ttl)
 
     async def _shared(self, reference: str, work: Any) -> None:
@@ -117,7 +130,13 @@ class StoreLoader:
             task.add_done_callback(lambda _: self._inflight.pop(reference, None))
         await asyncio.shield(task)
 
-    async def _settle(self, reference: str) -> None:
+    async def _settle_strictly(self, reference: str) -> None:
+        await self._settle(reference, strict=True)
+
+    async def _settle(self, reference: str, strict: bool = False) -> None:
+        """Load ``reference`` if missing, or bring a loaded one up to date with the store. ``strict`` (an explicit
+        reload): a store that cannot be read, or a broken object, is the caller's error; otherwise a loaded
+        adapter keeps being served through both (and the server log says why)."""
         name, sha = split_reference(reference)
         record = self.registry.records.get(reference)
         if sha is not None:
@@ -127,20 +146,31 @@ class StoreLoader:
                 return
         if self.store is None:
             return
-        if record is not None:  # a store-loaded adapter past its TTL
+        if record is not None:  # loaded, past its TTL (from the store, or the adapters directory)
             try:
                 current = await asyncio.to_thread(self.store.current_sha, name)
             except StoreUnavailable as exc:
-                log.warning("adapter %s: store not reachable, serving the loaded content (%s)", name, exc)
+                if strict:
+                    raise
+                log.warning("adapter %s: the store cannot be read, serving the loaded content (%s)", name, exc)
                 record.checked_at = time.monotonic()
                 return
-            if current == record.adapter.content_sha256:
-                record.checked_at = time.monotonic()
+            if current == record.adapter.content_sha256 or (current is None and record.source != FROM_STORE):
+                record.checked_at = time.monotonic()  # (an adapters-directory adapter the store lacks stays)
                 return
             if current is None:
                 log.info("adapter %s is no longer in the store: unloaded", name)
                 await self.registry.unload(reference)
                 return
+            try:
+                await self._fetch(reference, name, sha)
+            except InvalidAdapter as exc:
+                if strict:
+                    raise
+                log.error("adapter %s: the store's new content is not valid, serving the loaded content (%s)",
+                          name, exc)
+                record.checked_at = time.monotonic()
+            return
         await self._fetch(reference, name, sha)
 
     async def _fetch(self, reference: str, name: str, sha: str | None) -> None:
@@ -148,6 +178,10 @@ class StoreLoader:
         for attempt in range(TORN_READ_RETRIES):
             try:
                 stored = await asyncio.to_thread(self.store.read, name, sha)
+            except StoreUnavailable:
+                if not await self._from_cache(reference):
+                    raise
+                return
             except StoreMiss:
                 if reference in self.registry.records:
                     await self.registry.unload(reference)
@@ -160,12 +194,34 @@ class StoreLoader:
             try:
                 await self._load(reference, files, f"the adapter store's {reference}")
                 self.fetches += 1
+                self._count("ok")
+                log.info("adapter %s loaded from the store", reference)
                 return
             except InvalidAdapter as exc:
                 torn = isinstance(exc.__cause__, AdapterHashMismatchError)
                 if not torn or attempt == TORN_READ_RETRIES - 1:
+                    self._count("rejected")
                     raise InvalidAdapter(f"adapter {reference!r} in the adapter store is not valid: {exc}") from exc
                 await asyncio.sleep(0.05 * (attempt + 1))
+
+    def _count(self, outcome: str) -> None:
+        if self.metrics is not None:
+            self.metrics.adapter_loads.labels("store", outcome).inc()
+
+    async def _from_cache(self, reference: str) -> bool:
+        """Load ``reference`` from this node's cache while the store cannot be read (a copy fetched earlier, by
+        this replica or the one it replaces); whether it could."""
+        folder = self.cache_dir / reference if self.cache_dir is not None else None
+        if folder is None or not (folder / CONFIG_FILE).is_file() or reference in self.registry.records:
+            return False
+        try:
+            files = await asyncio.to_thread(self.registry.read_folder, folder, reference)
+            await self.registry.load_files(reference, files, FROM_STORE, folder, f"the cached {reference}")
+        except InvalidAdapter as exc:
+            log.error("adapter %s: the store cannot be read and the cached copy is not valid (%s)", reference, exc)
+            return False
+        log.warning("adapter %s: the store cannot be read; loaded the copy cached on this node", reference)
+        return True
 
     async def _load(self, reference: str, files: dict[str, bytes], where: str) -> tuple[Record, bool]:
         self.registry.validate_files(files, reference, where)
@@ -208,12 +264,17 @@ class LoadOnMiss:
             except (ValueError, RecursionError):
                 names = set()  # not JSON: the route refuses it
             try:
-                await loader.ensure(names)
+                if len(names) <= MAX_NAMES:  # more is refused by every route: no store reads for it
+                    await loader.ensure(names)
             except InvalidAdapter as exc:
                 await send_error(send, 400, str(exc), "BadRequestError")
                 return
             except StoreUnavailable as exc:
-                await send_error(send, 503, f"the adapter store cannot be read: {exc}", "ServiceUnavailableError")
+                log.error("adapter store: %s", exc)
+                await send_error(send, 503, UNAVAILABLE, "ServiceUnavailableError")
+                return
+            except AdapterCapacity as exc:
+                await send_error(send, 503, str(exc), "ServiceUnavailableError")
                 return
         await self.app(scope, _replaying(body, receive), send)
 

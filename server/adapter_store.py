@@ -173,15 +173,37 @@ class AdapterStore:
         return StoredAdapter(config, tensors, where)
 
     def _cat(self, path: str, limit: int) -> bytes:
-        """At most ``limit + 1`` bytes of ``path`` (one ranged read: more than ``limit`` means too large)."""
+        """At most ``limit + 1`` bytes of ``path`` (one ranged read: more than ``limit`` means too large). A missing
+        object is :class:`StoreMiss` only while the store itself is there: a missing bucket (or root folder) is
+        :class:`StoreUnavailable`, so an outage or a misconfiguration never reads as "every adapter was removed"."""
         try:
             return self.fs.cat_file(path, start=0, end=limit + 1)
-        except FileNotFoundError:
-            raise StoreMiss(path) from None
-        except IsADirectoryError:
+        except (FileNotFoundError, IsADirectoryError):
+            self.check()
             raise StoreMiss(path) from None
         except Exception as exc:  # backends raise their own errors (botocore, aiohttp, ...)
             raise StoreUnavailable(f"cannot read {self.uri}: {_reason(exc)}") from exc
+
+    def prepare(self) -> None:
+        """At server start: create the root folder of a ``file://`` or ``memory://`` store, then :meth:`check`."""
+        if self.local or "memory" in _protocols(self.fs):
+            try:
+                self.fs.makedirs(self.root, exist_ok=True)
+            except OSError as exc:
+                raise StoreUnavailable(f"cannot create {self.uri}: {_reason(exc)}") from exc
+        self.check()
+
+    def check(self) -> None:
+        """Raise :class:`StoreUnavailable` unless the store's root can be seen: its folder, or on an object store
+        its bucket (a prefix with no objects yet is an empty store, not a missing one)."""
+        folder = self.local or "memory" in _protocols(self.fs)
+        root = self.root if folder else self.root.lstrip("/").split("/", 1)[0]
+        try:
+            visible = bool(root) and self.fs.exists(root)
+        except Exception as exc:  # backends raise their own errors
+            raise StoreUnavailable(f"cannot read {self.uri}: {_reason(exc)}") from exc
+        if not visible:
+            raise StoreUnavailable(f"{self.uri}: its {'folder' if folder else 'bucket'} does not exist")
 
     def _put(self, path: str, data: bytes) -> None:
         if not self.local:

@@ -35,6 +35,7 @@ router = APIRouter()
 class UnloadResult(BaseModel):
     name: str
     unloaded: bool
+    purged: bool | None = None  # with purge=true: whether the store held it (and no longer does)
 
 
 @router.get("/adapters", response_model=AdapterList)
@@ -135,13 +136,17 @@ async def unload_adapter(name: str, request: Request, purge: bool = False) -> Un
     content from the store, so no replica loads it again (others unload it at their next freshness check)."""
     state = request.app.state.lofit
     state.registry.check_reference(name)
+    purged = None
     if purge:
         store = state.store_loader.store
         if store is None:
             raise InvalidAdapter("purge=true removes an adapter from the adapter store; this server has none "
                                  "(--adapter-store)")
-        await asyncio.to_thread(store.delete, name)
-    return UnloadResult(name=name, unloaded=await _unload(request, name))
+        if "@" in name:
+            raise InvalidAdapter("purge=true takes an adapter's name: a pinned reference's content is kept "
+                                 "(unload it without purge)")
+        purged = await asyncio.to_thread(store.delete, name)
+    return UnloadResult(name=name, unloaded=await _unload(request, name), purged=purged)
 
 
 @router.post("/v1/load_lora_adapter", response_class=PlainTextResponse,

@@ -39,13 +39,13 @@ from lofit.heads import BaseModelIdentity
 from lofit.vllm.architectures import cpu_engine_defaults, lofit_engine_args
 from lofit.vllm.contract import RPC_STATUS
 from server import api_adapters, api_generate, api_models, api_ops
-from server.adapter_misses import LoadOnMiss, StoreLoader
+from server.adapter_misses import UNAVAILABLE, LoadOnMiss, StoreLoader
 from server.adapter_store import AdapterStore, StoreUnavailable
 from server.api_generate import PromptTooLong
 from server.auth import KeyCheck, send_error
 from server.engine_client import ROUTE, SteeredAsyncLLM
 from server.metrics import LiveRequests, Metrics
-from server.registry import AdapterRegistry, InvalidAdapter, UnknownAdapter
+from server.registry import AdapterCapacity, AdapterRegistry, InvalidAdapter, UnknownAdapter
 from server.settings import Settings
 from server.steering import SteeringResolver
 from server.vllm_api import (
@@ -146,7 +146,8 @@ async def start(app: FastAPI, state: ServerState) -> None:
                                      on_unload=state.metrics.retire)
     store = AdapterStore(settings.adapter_store, settings.adapter_store_options) if settings.adapter_store else None
     state.store_loader = StoreLoader(state.registry, store, settings.adapter_cache_dir if store else None,
-                                     settings.adapter_store_ttl)
+                                     settings.adapter_store_ttl, metrics=state.metrics)
+    state.metrics.adapters_loaded.set_function(lambda: len(state.registry.records))  # loads on a miss included
     if store is not None:
         log.info("adapter store %s (cache %s, TTL %g s)", store.uri, settings.adapter_cache_dir,
                  settings.adapter_store_ttl)
@@ -157,9 +158,14 @@ async def start(app: FastAPI, state: ServerState) -> None:
                         LiveRequests(state.engine.live_requests, settings.max_adapters, settings.base_name)]
     for collector in state.collectors:
         get_prometheus_registry().register(collector)
-    if not settings.adapters_dir.is_dir():
+    if not settings.adapters_dir.is_dir() and store is None:
         log.warning("adapters directory %s does not exist: serving no adapters until one is uploaded",
                     settings.adapters_dir)
+    if store is not None:
+        try:
+            await asyncio.to_thread(store.prepare)
+        except StoreUnavailable as exc:
+            log.error("adapter store: %s (requests for adapters not loaded get 503 until it can be read)", exc)
     for name in state.registry.names_on_disk():
         try:
             await state.registry.load(name)
@@ -167,6 +173,9 @@ async def start(app: FastAPI, state: ServerState) -> None:
         except InvalidAdapter as exc:
             state.skipped_adapters[name] = str(exc)
             log.error("adapter %s skipped: %s", name, exc)
+    if store is not None:
+        for record in state.registry.records.values():
+            record.checked_at = float("-inf")  # the store's copy of a name wins: checked on first use
     await preload_from_store(state)
     state.metrics.adapters_loaded.set(len(state.registry.records))
     state.ready = True
@@ -179,13 +188,18 @@ async def preload_from_store(state: ServerState) -> None:
     if loader.store is None or not names:
         return
     if names == ["all"]:
-        names = await asyncio.to_thread(loader.store.names)
+        try:
+            names = await asyncio.to_thread(loader.store.names)
+        except StoreUnavailable as exc:
+            state.skipped_adapters["all"] = f"the adapter store cannot be listed: {exc}"
+            log.error("adapter store: preload skipped: %s", exc)
+            return
     for name in names:
         try:
             await loader.ensure([name])
             if name not in state.registry.records:
                 raise InvalidAdapter(f"adapter {name!r} is not in the adapter store")
-            log.info("adapter %s loaded from the store", name)
+            log.info("adapter %s loaded (%s)", name, state.registry.records[name].source)
         except (InvalidAdapter, StoreUnavailable) as exc:
             state.skipped_adapters[name] = str(exc)
             log.error("adapter %s skipped: %s", name, exc)
@@ -286,7 +300,12 @@ def _install_errors(app: FastAPI) -> None:
 
     @app.exception_handler(StoreUnavailable)
     async def store_unavailable(_: Request, exc: StoreUnavailable) -> JSONResponse:
-        return error(503, f"the adapter store cannot be used: {exc}", "ServiceUnavailableError")
+        log.error("adapter store: %s", exc)
+        return error(503, UNAVAILABLE, "ServiceUnavailableError")
+
+    @app.exception_handler(AdapterCapacity)
+    async def capacity(_: Request, exc: AdapterCapacity) -> JSONResponse:
+        return error(503, str(exc), "ServiceUnavailableError")
 
     @app.exception_handler(PromptTooLong)
     async def too_long(_: Request, exc: PromptTooLong) -> JSONResponse:

@@ -36,9 +36,12 @@ def env_name(flag: str) -> str:
 
 def json_object(text: str) -> dict:
     """A JSON object given on the command line (``argparse`` type: a ValueError is its usage error)."""
-    value = json.loads(text)
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = None
     if not isinstance(value, dict):
-        raise ValueError("not a JSON object")
+        raise argparse.ArgumentTypeError(f"{text!r} is not a JSON object")
     return value
 
 
@@ -49,8 +52,8 @@ def adapter_names(text: str) -> list[str]:
     from server.steering import ADAPTER_NAME
 
     names = [n.strip() for n in text.split(",") if n.strip()]
-    if names != ["all"] and not all(re.fullmatch(ADAPTER_NAME, n) for n in names):
-        raise ValueError("not a comma-separated list of adapter names")
+    if names != ["all"] and ("all" in names or not all(re.fullmatch(ADAPTER_NAME, n) for n in names)):
+        raise argparse.ArgumentTypeError(f"{text!r} is not 'all' or a comma-separated list of adapter names")
     return names
 
 
@@ -139,13 +142,19 @@ def parse(argv: list[str] | None = None) -> Settings:
         parser.exit(2, "lofit-serve: --adapter-store-ttl must be a number of seconds, at least 0\n")
     if args.adapter_store_preload and args.adapter_store is None:
         parser.exit(2, "lofit-serve: --adapter-store-preload needs --adapter-store\n")
+    if args.adapter_store is not None and not args.adapter_store.strip():
+        parser.exit(2, "lofit-serve: --adapter-store is empty; give a URI (s3://bucket/prefix, file:///dir) or "
+                       "leave the flag out\n")
     if args.adapter_store is not None:
         from server.adapter_store import AdapterStore
 
         try:
-            AdapterStore(args.adapter_store, args.adapter_store_options)
-        except ValueError as exc:
+            store = AdapterStore(args.adapter_store, args.adapter_store_options)
+        except (ValueError, TypeError) as exc:
             parser.exit(2, f"lofit-serve: --adapter-store: {exc}\n")
+        if not store.root.strip("/"):
+            parser.exit(2, f"lofit-serve: --adapter-store {args.adapter_store!r}: give a bucket or folder "
+                           "(s3://bucket/prefix, file:///dir)\n")
     return Settings(model=args.model, adapters_dir=args.adapters_dir, adapter_store=args.adapter_store,
                     adapter_store_options=args.adapter_store_options, adapter_cache_dir=args.adapter_cache_dir,
                     adapter_store_ttl=args.adapter_store_ttl, adapter_store_preload=args.adapter_store_preload,

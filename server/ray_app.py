@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
 log = logging.getLogger("lofit.server")
@@ -45,6 +45,8 @@ REPLICA_HEADER = "x-lofit-replica"  # every response names the replica that answ
 
 class AppArgs(BaseModel):
     """The ``args`` of ``server.ray_app:app`` in a Serve config (``deploy/ray/serve.yaml``)."""
+
+    model_config = ConfigDict(extra="forbid")  # a misspelt key fails the deploy
 
     flags: list[str] = Field(default_factory=list, description="lofit-serve's flags; --adapter-store is required")
     num_replicas: int | None = Field(2, description="fixed replica count (leave out with autoscaling_config)")
@@ -56,12 +58,13 @@ class AppArgs(BaseModel):
     max_ongoing_requests: int = Field(64, description="requests a replica takes at once (Serve's default, 5, "
                                       "starves a batching engine); above --max-num-seqs plus a few admin calls")
     max_multiplexed_adapters: int = Field(256, description="adapter ids Serve's router remembers per replica")
-    cache_root: str = Field("/tmp/lofit-adapter-cache", description="each replica caches store adapters in "
-                            "<cache_root>/replica-<rank>")
+    cache_root: str | None = Field(None, description="each replica caches store adapters in "
+                                   "<cache_root>/replica-<rank> (default: lofit-serve's --adapter-cache-dir)")
     cpu_cores_per_replica: int | None = Field(None, description="CPU engines only: bind replica r to cores "
                                               "[r*n, (r+1)*n) (VLLM_CPU_OMP_THREADS_BIND)")
     health_check_period_s: float = 10.0
-    env_vars: dict[str, str] = Field(default_factory=dict, description="environment of every replica")
+    env_vars: dict[str, str] = Field(default_factory=dict, description="environment of every replica (else the "
+                                     "application's runtime_env applies)")
 
 
 def parse_flags(flags: list[str]) -> Any:
@@ -76,9 +79,10 @@ def parse_flags(flags: list[str]) -> Any:
     except SystemExit:
         raise ValueError(err.getvalue().strip().splitlines()[-1] if err.getvalue().strip()
                          else f"invalid lofit-serve flags {flags}") from None
-    if settings.adapter_store is None:
-        raise ValueError("lofit-serve on Ray Serve needs a shared --adapter-store: replicas are stateless, and an "
-                         "adapter uploaded to one must be found by the others")
+    if settings.adapter_store is None or settings.adapter_store.startswith("memory:"):
+        raise ValueError("lofit-serve on Ray Serve needs a shared --adapter-store (not memory://, which each "
+                         "replica would hold alone): replicas are stateless, and an adapter uploaded to one must be "
+                         "found by the others")
     return settings
 
 
@@ -121,7 +125,7 @@ class _Held:
 class LofitReplica:
     """One ``lofit-serve`` replica (see the module docstring)."""
 
-    def __init__(self, flags: list[str], cache_root: str, max_multiplexed: int,
+    def __init__(self, flags: list[str], cache_root: str | None, max_multiplexed: int,
                  cpu_cores_per_replica: int | None) -> None:
         import ray
 
@@ -133,7 +137,8 @@ class LofitReplica:
             first = self.rank * cpu_cores_per_replica
             os.environ["VLLM_CPU_OMP_THREADS_BIND"] = f"{first}-{first + cpu_cores_per_replica - 1}"
         self.settings = parse_flags(flags)
-        self.settings.adapter_cache_dir = Path(cache_root) / f"replica-{self.rank}"
+        root = Path(cache_root) if cache_root else self.settings.adapter_cache_dir
+        self.settings.adapter_cache_dir = root / f"replica-{self.rank}"
 
         async def held(adapter: str) -> _Held:
             if adapter not in self.app.state.lofit.registry.records:
@@ -192,7 +197,7 @@ def app(args: AppArgs) -> serve.Application:
     parse_flags(args.flags)
     options: dict[str, Any] = {
         "ray_actor_options": {"num_cpus": args.num_cpus, "num_gpus": args.num_gpus,
-                              "runtime_env": {"env_vars": dict(args.env_vars)}},
+                              **({"runtime_env": {"env_vars": dict(args.env_vars)}} if args.env_vars else {})},
         "max_ongoing_requests": args.max_ongoing_requests,
         "health_check_period_s": args.health_check_period_s,
     }

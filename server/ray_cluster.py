@@ -12,7 +12,8 @@ one of its request slots while waiting for another (``max_ongoing_requests``).
   ``replica="<id>"`` (``?format=json``: ``{replica: page}``), so no replica hides behind the proxy;
 * ``PUT|POST|DELETE /cluster/<path>`` — the request replayed on every replica's own app (its keys checked there):
   ``DELETE /cluster/adapters/x`` unloads ``x`` everywhere, ``POST /cluster/adapters/x/reload`` reloads it
-  everywhere; 200 when every replica answered < 400, else 502; the body gives each replica's status and answer.
+  everywhere (adapter calls only); 200 when every replica answered < 400, the replicas' status when they all
+  answered the same (a missing key: 401), else 502; the body gives each replica's status and answer.
 """
 
 import time
@@ -24,11 +25,12 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 from ray import serve
 
 from server.ray_app import DEPLOYMENT
 
+FAN_OUT_PATHS = ("/adapters", "/v1/load_lora_adapter", "/v1/unload_lora_adapter")
 FORWARDED_HEADERS = ("authorization", "x-api-key", "content-type", "x-request-id")
 TIMEOUT_S = 120.0
 
@@ -84,6 +86,10 @@ def cluster_api(handle: Callable[[], Any]) -> FastAPI:
 
     @api.api_route("/{path:path}", methods=["PUT", "POST", "DELETE"])
     async def fan_out(path: str, request: Request) -> JSONResponse:
+        if not ("/" + path).startswith(FAN_OUT_PATHS):
+            return JSONResponse({"error": {"message": f"/cluster/{path} is not an adapter call; /cluster fans out "
+                                           f"{', '.join(FAN_OUT_PATHS)} only", "type": "NotFoundError",
+                                           "param": None, "code": 404}}, status_code=404)
         started = time.perf_counter()
         headers = {k: v for k, v in request.headers.items() if k.lower() in FORWARDED_HEADERS}
         target = "/" + path + (f"?{request.url.query}" if request.url.query else "")
@@ -91,8 +97,10 @@ def cluster_api(handle: Callable[[], Any]) -> FastAPI:
         results = {r["replica"]: {"status": r["status"], "body": r["body"]} for r in found if isinstance(r, dict)}
         errors = [repr(r) for r in found if not isinstance(r, dict)]
         ok = not errors and all(r["status"] < 400 for r in results.values())
+        statuses = {r["status"] for r in results.values()}
+        status = 200 if ok else statuses.pop() if len(statuses) == 1 and not errors else 502
         return JSONResponse({"ok": ok, "replicas": results, "errors": errors,
-                             "ms": round((time.perf_counter() - started) * 1000, 1)}, status_code=200 if ok else 502)
+                             "ms": round((time.perf_counter() - started) * 1000, 1)}, status_code=status)
 
     return api
 
@@ -111,6 +119,8 @@ class LofitCluster:
 
 class ClusterArgs(BaseModel):
     """The ``args`` of ``server.ray_cluster:cluster_app``."""
+
+    model_config = ConfigDict(extra="forbid")  # a misspelt key fails the deploy
 
     target_app: str = "lofit"  # the Serve application name of server.ray_app:app
 

@@ -50,12 +50,17 @@ from server.steering import ADAPTER_NAME, ADAPTER_REFERENCE, Steering
 
 _NAME, _REFERENCE = re.compile(ADAPTER_NAME), re.compile(ADAPTER_REFERENCE)
 _SWAP = threading.Lock()
+RECENT_S = 2.0  # an adapter named this recently is not unloaded to make room
 FROM_DIR, FROM_STORE = "adapters-dir", "store"  # where a record's files came from
 _STAGING = re.compile(r"\.upload-[A-Za-z0-9._-]+?\.[A-Za-z0-9_]{8}/")  # tempfile.mkdtemp(prefix=".upload-<name>.")
 
 
 class UnknownAdapter(KeyError):
     """A request named an adapter that is not loaded."""
+
+
+class AdapterCapacity(RuntimeError):
+    """Every adapter slot holds an adapter in use: a load must wait (HTTP 503)."""
 
 
 class InvalidAdapter(ValueError):
@@ -201,6 +206,9 @@ class AdapterRegistry:
                 return current, False
             if current is None and len(self.records) >= self.max_adapters:
                 victim = self.least_recently_used(exclude=reference)
+                if victim is None and any(r.source == FROM_STORE for r in self.records.values()):
+                    raise AdapterCapacity(f"all {self.max_adapters} adapter slots (--max-adapters) hold adapters "
+                                          f"used in the last {RECENT_S:g} s; retry, or raise --max-adapters")
                 if victim is None:
                     raise InvalidAdapter(f"{self.max_adapters} adapters are loaded, the server's limit "
                                          "(--max-adapters); unload one first")
@@ -214,8 +222,11 @@ class AdapterRegistry:
             return record, True
 
     def least_recently_used(self, exclude: str) -> str | None:
-        """The loaded adapter from the store used longest ago (``None``: none can make room)."""
-        candidates = [(r.last_used, n) for n, r in self.records.items() if r.source == FROM_STORE and n != exclude]
+        """The loaded adapter from the store used longest ago, and not in the last :data:`RECENT_S` seconds (a
+        request that named it may be on its way to the engine); ``None``: none can make room."""
+        recent = time.monotonic() - RECENT_S
+        candidates = [(r.last_used, n) for n, r in self.records.items()
+                      if r.source == FROM_STORE and n != exclude and r.last_used < recent]
         return min(candidates)[1] if candidates else None
 
     async def install(self, name: str, files: dict[str, bytes]) -> Path:

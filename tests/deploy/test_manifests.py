@@ -237,10 +237,16 @@ def test_rayservice_serves_lofit_serve_with_the_store(model_dir):
     rayservice = one("RayService")
     config = yaml.safe_load(rayservice["spec"]["serveConfigV2"])
     ServeDeploySchema.model_validate(config)  # Ray Serve's own schema of `serve deploy` configs
-    [application] = config["applications"]
+    application, front = config["applications"]
     assert application["import_path"] == "server.ray_app:app"
+    assert front["import_path"] == "server.ray_cluster:cluster_app" and front["args"]["target_app"] == \
+        application["name"] and front["route_prefix"] == "/cluster"
     args = application["args"]
-    assert set(args) == {"flags", "num_replicas"} and args["flags"][:2] == ["--adapter-store", STORE]
+    from server.ray_app import AppArgs
+
+    AppArgs(**args)  # every key is one the builder takes
+    assert args["flags"][:2] == ["--adapter-store", STORE]
+    assert args["max_ongoing_requests"] > int(args["flags"][args["flags"].index("--max-num-seqs") + 1])
     workers = rayservice["spec"]["rayClusterConfig"]["workerGroupSpecs"]
     assert 1 <= args["num_replicas"] <= sum(group["maxReplicas"] for group in workers)
     for template in pod_templates(rayservice):

@@ -6,6 +6,7 @@ the real worker method on a real adapter bank; only the engine's RPC transport i
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from lofit.vllm.contract import pinned_reference
 from lofit.vllm.worker import LofitWorkerMethods
 from server.adapter_misses import LoadOnMiss, StoreLoader
 from server.adapter_store import VERSIONS, AdapterStore, StoreMiss, StoreUnavailable
-from server.registry import FROM_STORE, AdapterRegistry, InvalidAdapter, UnknownAdapter
+from server.registry import FROM_STORE, AdapterCapacity, AdapterRegistry, InvalidAdapter, UnknownAdapter
 from server.steering import named_adapters
 from tests.server.conftest import s3_requests, start_recording
 
@@ -54,6 +55,9 @@ def store(request, tmp_path) -> AdapterStore:
 def replica(stories_identity, store: AdapterStore | None, cache: Path, ttl: float = 3600.0,
             max_adapters: int = 256) -> StoreLoader:
     """One replica's registry and loader over ``store`` (its own bank and cache folder)."""
+    if store is not None:
+        with contextlib.suppress(StoreUnavailable):  # as the server: it starts, and answers 503 meanwhile
+            store.prepare()
     registry = AdapterRegistry(cache.parent / "adapters-dir", stories_identity, InProcessEngine(stories_identity),
                                max_adapters=max_adapters, reserved=frozenset({"base"}))
     return StoreLoader(registry, store, cache, ttl)
@@ -241,9 +245,12 @@ def test_the_least_recently_used_store_adapter_makes_room(stories_identity, tmp_
     for i in range(3):
         publish_by_hand(store, adapter(stories_identity, f"a{i}", seed=20 + i))
     loader = replica(stories_identity, store, tmp_path / "c", max_adapters=2)
-    run(loader.ensure({"a0"}))
-    run(loader.ensure({"a1"}))
-    loader.registry.count({"a0": 1.0})  # a0 used after a1
+    run(loader.ensure({"a0", "a1"}))
+    with pytest.raises(AdapterCapacity, match="used in the last 2 s"):  # both may be on their way to the engine
+        run(loader.ensure({"a2"}))
+    records = loader.registry.records
+    records["a0"].last_used -= 10
+    records["a1"].last_used -= 20  # a0 used after a1, both a while ago
     run(loader.ensure({"a2"}))
     assert set(loader.registry.records) == {"a0", "a2"}
     assert set(loader.registry.engine.bank.loaded()) == {"a0", "a2"}
@@ -335,3 +342,51 @@ def test_preloading_from_the_store_loads_the_names_asked_for_and_reports_the_res
                                 settings=SimpleNamespace(adapter_store_preload=names))
         run(preload_from_store(state))
         assert set(loader.registry.records) == loaded and set(state.skipped_adapters) == skipped
+
+
+def test_a_missing_bucket_is_an_outage_not_a_removal(stories_identity, s3_url, tmp_path):
+    """A store whose bucket is gone (deleted, or a restarted S3 that keeps nothing) must not unload adapters as
+    if they had been removed from it."""
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=s3_url)
+    s3.create_bucket(Bucket="lofit-doomed")
+    store = AdapterStore("s3://lofit-doomed/x", {"endpoint_url": s3_url})
+    publish_by_hand(store, adapter(stories_identity, "kept", seed=70))
+    loader = replica(stories_identity, store, tmp_path / "c", ttl=0)
+    run(loader.ensure({"kept"}))
+    for key in [o["Key"] for o in s3.list_objects_v2(Bucket="lofit-doomed")["Contents"]]:
+        s3.delete_object(Bucket="lofit-doomed", Key=key)
+    s3.delete_bucket(Bucket="lofit-doomed")
+    store.fs.invalidate_cache()
+    run(loader.ensure({"kept"}))  # past its TTL: the store cannot say, so the loaded copy stays
+    assert "kept" in loader.registry.records
+    with pytest.raises(StoreUnavailable, match="bucket does not exist"):
+        run(loader.ensure({"new"}))
+
+
+def test_a_broken_update_or_an_outage_keeps_the_loaded_copy_until_an_explicit_reload(stories_identity, tmp_path):
+    store = AdapterStore("memory://lofit-keep")
+    good = adapter(stories_identity, "k", seed=80)
+    publish_by_hand(store, good)
+    loader = replica(stories_identity, store, tmp_path / "c", ttl=0)
+    run(loader.ensure({"k"}))
+    store.fs.pipe_file(f"{store.root}/k/{CONFIG_FILE}", b"{not json")  # a bad publish over a good adapter
+    run(loader.ensure({"k"}))
+    assert loader.registry.records["k"].adapter.content_sha256 == good.content_sha256  # still served
+    with pytest.raises(InvalidAdapter, match="not valid"):
+        run(loader.refresh("k"))  # the explicit reload says what is wrong
+
+
+def test_the_node_cache_serves_while_the_store_is_down(stories_identity, tmp_path):
+    store = AdapterStore("memory://lofit-cached")
+    publish_by_hand(store, adapter(stories_identity, "c1", seed=90))
+    first = replica(stories_identity, store, tmp_path / "cache")
+    run(first.ensure({"c1"}))
+    down = AdapterStore("s3://lofit-adapters/x", {"endpoint_url": "http://127.0.0.1:9", "config_kwargs": {
+        "retries": {"max_attempts": 1}}})
+    replacement = replica(stories_identity, down, tmp_path / "cache")  # the same node cache, the store down
+    run(replacement.ensure({"c1"}))
+    assert "c1" in replacement.registry.records
+    with pytest.raises(StoreUnavailable):
+        run(replacement.ensure({"c2"}))
