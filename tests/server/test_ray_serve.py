@@ -170,7 +170,8 @@ def test_every_replicas_metrics_in_one_page(client):
 def test_an_unload_reaches_every_replica(client):
     assert all("shared" in r["adapters"] for r in replicas(client))
     refused = client.delete("/cluster/adapters/shared")  # the inference key: each replica refuses
-    assert refused.status_code == 502 and {v["status"] for v in refused.json()["replicas"].values()} == {403}
+    assert refused.status_code == 403 and {v["status"] for v in refused.json()["replicas"].values()} == {403}
+    assert client.post("/cluster/generate", json={"prompt": "x"}).status_code == 404  # adapter calls only
     unloaded = client.delete("/cluster/adapters/shared", headers=ADMIN)
     assert unloaded.status_code == 200 and unloaded.json()["ok"], unloaded.text
     assert len(unloaded.json()["replicas"]) == 2
