@@ -94,6 +94,15 @@ def _run(core: Any, requests: dict[str, Any], prompt: list[int]) -> dict[str, Tr
     return traces
 
 
+def moved_by(steered: Trace, plain: Trace) -> float:
+    """How far a steered trace is from the plain one: :func:`distance`, or ``inf`` when they chose different tokens
+    (no unsteered request changes its tokens: the leak check bounds that by the tolerance), so a steered request
+    whose first differing step was a near-tie still counts as moved."""
+    if [token for token, _ in steered] != [token for token, _ in plain]:
+        return float("inf")
+    return distance(steered, plain)
+
+
 def distance(a: Trace, b: Trace) -> float:
     """How far two greedy traces of one request are apart: the largest difference (nats) of a top token's
     log-prob over the steps up to and including the first step where they chose different tokens (after it,
@@ -175,12 +184,12 @@ def self_test(core: Any, tolerance: float | None = None) -> dict[str, float]:
                             "steering leaks across requests" + (
                                 ", or this model's kernels are not batch-invariant on this platform (the plain "
                                 "request moved)" if worst == "plain" else ""))
-    moved = {key: distance(alone[key], alone["plain"]) for key in ("steered", "negated")}
+    moved = {key: moved_by(alone[key], alone["plain"]) for key in ("steered", "negated")}
     weakest = min(moved, key=moved.get)
     if moved[weakest] <= max(10 * tolerance, 0.5):
         raise SelfTestError(f"LoFiT self-test: a strongly steered ({weakest}) request changed the log-probs by "
                             f"only {moved[weakest]:.3g}; steering is not applied")
-    moved_text = ("top tokens all changed" if moved[weakest] == float("inf")
+    moved_text = ("its tokens changed" if moved[weakest] == float("inf")
                   else f"log-probs moved by {moved[weakest]:.3g}")
     logger.info("LoFiT self-test passed (%d requests x %d tokens, %d FULL CUDA-graph replays): a strongly steered "
                 "request's %s; a mixed batch differs from one request's own run by %.3g (tolerance %g)",

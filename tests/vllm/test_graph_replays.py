@@ -73,3 +73,16 @@ def test_the_self_test_demands_a_full_replay_only_where_decode_takes_one(config,
     assert expects_full_graph(_config(), 3) is False, "this CPU platform has no CUDA graphs"
     monkeypatch.setattr(type(current_platform), "is_cuda_alike", lambda self: True)
     assert expects_full_graph(config, 3) is expected
+
+
+def test_a_steered_trace_that_changed_its_tokens_counts_as_moved():
+    """The self-test's "steering is applied" measure: a near-tie flipped by steering is a move, however small its
+    log-prob change; the same tokens are measured by their log-probs (a start failed on 0.43 nats once)."""
+    from lofit.vllm.selftest import moved_by
+
+    plain = [(5, {5: -0.70, 6: -0.72}), (9, {9: -0.1, 3: -3.0})]
+    flipped = [(6, {5: -0.73, 6: -0.70}), (2, {2: -0.2, 9: -2.0})]
+    same_tokens = [(5, {5: -0.60, 6: -0.90}), (9, {9: -0.3, 3: -2.9})]
+    assert moved_by(flipped, plain) == float("inf")
+    assert moved_by(same_tokens, plain) == pytest.approx(0.2)
+    assert moved_by(plain, plain) == 0.0
