@@ -127,7 +127,7 @@ async def start(app: FastAPI, state: ServerState) -> None:
     every adapter on disk."""
     settings, args = state.settings, app.state.args
     state.engine = start_engine(args)
-    status = await state.engine.collective_rpc(RPC_STATUS)  # answered once the self-test has passed
+    status = await unless_engine_dies(state.engine, state.engine.collective_rpc(RPC_STATUS))  # after the self-test
     log.info("engine ready: %s", {k: v for k, v in status[0].items() if k != "base"})
     base = BaseModelIdentity.from_dict(status[0]["base"])  # the workers' fingerprint of the served weights
     await init_app_state(state.engine, app.state, args, SUPPORTED_TASKS)
@@ -203,6 +203,19 @@ async def preload_from_store(state: ServerState) -> None:
         except (InvalidAdapter, StoreUnavailable) as exc:
             state.skipped_adapters[name] = str(exc)
             log.error("adapter %s skipped: %s", name, exc)
+
+
+async def unless_engine_dies(engine: Any, call: Any) -> Any:
+    """Await ``call``, an RPC to the engine; raise ``RuntimeError`` if the engine dies first (its core failed the
+    steering self-test at start, say), rather than waiting for an answer that will never come."""
+    task = asyncio.ensure_future(call)
+    while not task.done():
+        await asyncio.wait({task}, timeout=0.5)
+        if not task.done() and engine.errored:
+            task.cancel()
+            raise RuntimeError("the vLLM engine stopped while starting (its log above says why, e.g. the LoFiT "
+                               "self-test)")
+    return task.result()
 
 
 async def watch_engine(state: ServerState) -> None:

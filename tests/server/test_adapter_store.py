@@ -390,3 +390,4 @@ def test_the_node_cache_serves_while_the_store_is_down(stories_identity, tmp_pat
     assert "c1" in replacement.registry.records
     with pytest.raises(StoreUnavailable):
         run(replacement.ensure({"c2"}))
+

@@ -6,6 +6,7 @@ gets one).
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -72,3 +73,28 @@ def test_an_unsupported_architecture_is_a_clear_start_up_error(tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "GPT2LMHeadModel" in proc.stderr and "LlamaForCausalLM" in proc.stderr, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr, "a clear one-line error, not a traceback"
+
+
+def test_start_up_ends_when_the_engine_dies_instead_of_waiting_for_its_answer():
+    """A Ray replica hung in start-up when its engine core failed the self-test after the handshake."""
+    from server.app import unless_engine_dies
+
+    class Dying:
+        errored = False
+
+    engine = Dying()
+
+    async def never() -> None:
+        await asyncio.sleep(3600)
+
+    async def scenario():
+        asyncio.get_running_loop().call_later(0.2, setattr, engine, "errored", True)
+        await unless_engine_dies(engine, never())
+
+    with pytest.raises(RuntimeError, match="stopped while starting"):
+        asyncio.run(scenario())
+
+    async def answered():
+        return await unless_engine_dies(engine.__class__(), asyncio.sleep(0.01, result="status"))
+
+    assert asyncio.run(answered()) == "status"
