@@ -35,7 +35,7 @@ router = APIRouter()
 class UnloadResult(BaseModel):
     name: str
     unloaded: bool
-    purged: bool | None = None  # with purge=true: whether the store held it (and no longer does)
+    purged: bool | None = None  # only with purge=true: whether the store held it (and no longer does)
 
 
 @router.get("/adapters", response_model=AdapterList)
@@ -128,7 +128,7 @@ async def reload_adapter(name: str, request: Request) -> LoadAdapterResult:
     return await _timed(state, state.registry.load(name))
 
 
-@router.delete("/adapters/{name}", response_model=UnloadResult,
+@router.delete("/adapters/{name}", response_model=UnloadResult, response_model_exclude_none=True,
                responses={400: {"description": "invalid adapter name"}})
 async def unload_adapter(name: str, request: Request, purge: bool = False) -> UnloadResult:
     """Unload ``name`` (its folder stays on disk; with a store, a later request naming it loads it again).

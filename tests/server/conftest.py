@@ -72,23 +72,45 @@ def start_server(log_dir: Path, adapters_dir: Path, extra_args: Sequence[str] = 
 
 @pytest.fixture(scope="session")
 def s3_url(tmp_path_factory):
-    """The URL of moto's S3 server (an S3 API from PyPI) in this process, with bucket ``lofit-adapters`` and a
-    recorder of the requests it serves (:func:`start_recording`, :func:`s3_requests`)."""
-    from moto.server import ThreadedMotoServer
+    """The URL of moto's S3 server (an S3 API from PyPI), with bucket ``lofit-adapters`` and a recorder of the
+    requests it serves (:func:`start_recording`, :func:`s3_requests`). It runs in its own process: moto's server
+    is a Flask app, and Flask's context-local proxies in this process would break vLLM engines started here later
+    (vLLM's CPU platform inspects every module's globals when it registers its kernels)."""
+    import sys
+    import time
 
-    os.environ.setdefault("AWS_ACCESS_KEY_ID", "test")
-    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "test")
-    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
-    os.environ["MOTO_RECORDER_FILEPATH"] = str(tmp_path_factory.mktemp("moto") / "recording")  # not the cwd
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    url = f"http://{host}:{port}"
-    import boto3
+    for key, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+                       "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        os.environ.setdefault(key, value)
+    port = _free_port()
+    log = tmp_path_factory.mktemp("moto")
+    env = {**os.environ, "MOTO_RECORDER_FILEPATH": str(log / "recording")}  # not the current directory
+    with (log / "moto.log").open("wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                                stdout=out, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(300):
+            try:
+                httpx.get(f"{url}/moto-api/", timeout=1)
+                break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        import boto3
 
-    boto3.client("s3", endpoint_url=url).create_bucket(Bucket="lofit-adapters")
-    yield url
-    server.stop()
+        boto3.client("s3", endpoint_url=url).create_bucket(Bucket="lofit-adapters")
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def start_recording(url: str) -> None:
