@@ -224,12 +224,12 @@ class StoreLoader:
         return True
 
     async def _load(self, reference: str, files: dict[str, bytes], where: str) -> tuple[Record, bool]:
-        self.registry.validate_files(files, reference, where)
-        path = None
-        if self.cache_dir is not None:
-            path = self.cache_dir / reference
+        """Load ``files`` (validated once, by the registry), then keep them in this node's cache folder."""
+        path = self.cache_dir / reference if self.cache_dir is not None else None
+        loaded = await self.registry.load_files(reference, files, FROM_STORE, path, where)
+        if path is not None:
             await asyncio.to_thread(write_folder, path, files)
-        return await self.registry.load_files(reference, files, FROM_STORE, path, where)
+        return loaded
 
 
 class LoadOnMiss:
