@@ -21,9 +21,10 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def load_model(model_dir: str | Path, dtype: str, device: str):
+def load_model(model_dir: str | Path, dtype: str, device: str | torch.device, device_map: str | None = None):
     """``(tokenizer, model)`` from a local Hugging Face checkpoint directory; the model frozen
-    (``requires_grad_(False)``) in ``dtype`` (a torch dtype name, e.g. ``"float32"``) on ``device``.
+    (``requires_grad_(False)``) in ``dtype`` (a torch dtype name, e.g. ``"float32"``) on ``device``, or spread
+    over the visible devices by accelerate when ``device_map`` is given (e.g. ``"auto"``; ``device`` unused).
 
     A causal LM loads with ``AutoModelForCausalLM``; a multimodal checkpoint that transformers does not map
     there (LLaVA, ...) with ``AutoModelForImageTextToText``: it takes text-only inputs the same way, and LoFiT
@@ -40,7 +41,10 @@ def load_model(model_dir: str | Path, dtype: str, device: str):
     tokenizer = AutoTokenizer.from_pretrained(path)
     config = AutoConfig.from_pretrained(path)
     auto = AutoModelForCausalLM if type(config) in MODEL_FOR_CAUSAL_LM_MAPPING else AutoModelForImageTextToText
-    model = auto.from_pretrained(path, config=config, dtype=getattr(torch, dtype)).to(device)
+    if device_map is not None:
+        model = auto.from_pretrained(path, config=config, dtype=getattr(torch, dtype), device_map=device_map)
+    else:
+        model = auto.from_pretrained(path, config=config, dtype=getattr(torch, dtype)).to(device)
     model.requires_grad_(False)
     return tokenizer, model
 

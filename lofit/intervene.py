@@ -54,9 +54,9 @@ class LofitHooks:
         x = args[0]
         z = x.view(*x.shape[:-1], self.layout.num_heads, self.layout.head_dim)
         if self.scales is not None:
-            z = z * (1 + self.scales[layer].to(z.dtype))
+            z = z * (1 + self.scales[layer].to(z.device, z.dtype))
         if self.offsets is not None:
-            v = self.offsets[..., layer, :, :].to(z.dtype)
+            v = self.offsets[..., layer, :, :].to(z.device, z.dtype)
             if v.dim() == 3:  # one table per batch row: [B, H, d] -> broadcast over positions
                 if v.shape[0] != z.shape[0]:
                     raise ValueError(f"per-row offsets cover {v.shape[0]} rows, the batch has {z.shape[0]}")

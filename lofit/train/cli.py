@@ -11,6 +11,7 @@ from lofit.adapter import AdapterError, load_adapter
 from lofit.heads import UnsupportedModelError
 from lofit.tasks import TRAIN_TASKS, TaskError
 from lofit.train.config import ConfigError, TrainConfig
+from lofit.train.distributed import RankFailed
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,7 +62,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-len", type=int, help="total tokens per sequence [512 for DPO, 400 for SFT]")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), help="base model dtype; LoFiT parameters "
                                                                     "stay float32 [float32]")
-    p.add_argument("--device", help="torch device, e.g. cpu or cuda [cpu]")
+    p.add_argument("--device", help="torch device, e.g. cpu or cuda [cpu]; under a launcher each rank takes "
+                                    "cuda:LOCAL_RANK")
+    p.add_argument("--distributed", choices=("none", "ddp", "fsdp"),
+                   help="data-parallel training under torchrun / accelerate launch: ddp replicates the frozen "
+                        "model on every rank, fsdp shards it (FSDP2); examples are dealt to the ranks and the "
+                        "LoFiT gradients summed, so the global batch is batch-size x grad-accum x ranks "
+                        "[detected: fsdp under an accelerate FSDP config, ddp under any launcher of >1 process]")
+    p.add_argument("--device-map", choices=("auto",),
+                   help="spread one model over this node's GPUs with accelerate (a model larger than one GPU, "
+                        "single process; not with --distributed)")
+    p.add_argument("--mixed-precision", choices=("no", "bf16"),
+                   help="bf16 autocast for the forward; LoFiT parameters and the loss stay float32 "
+                        "[accelerate launch's setting, else no]")
+    p.add_argument("--gradient-checkpointing", action="store_true", default=None,
+                   help="recompute each decoder layer in the backward (less activation memory for long "
+                        "sequences, about one more forward of time)")
     p.add_argument("--limit", type=int, help="use only the first N train and val examples (smoke runs)")
     p.add_argument("--no-mc-eval", dest="mc_eval", action="store_false", default=None,
                    help="skip TruthfulQA MC1/MC2 on the fold's val split before/after")
@@ -83,16 +99,22 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run ``lofit-train``; returns the exit status (2 with a one-line error for bad settings or data)."""
+    """Run ``lofit-train``; returns the exit status (2 with a one-line error for bad settings or data, 1 on a
+    rank whose rank 0 failed to write). Under ``torchrun`` every rank runs this; rank 0 prints the summary."""
     args = build_parser().parse_args(argv)
     try:
         from lofit.train.pipeline import train_adapter
 
         out = train_adapter(config_from_args(args))
+        if out is None:  # a rank other than 0: rank 0 wrote the adapter and prints the summary
+            return 0
         adapter = load_adapter(out)
     except (ConfigError, TaskError, AdapterError, UnsupportedModelError, FileNotFoundError) as exc:
         print(f"lofit-train: error: {exc}", file=sys.stderr)
         return 2
+    except (RankFailed, OSError) as exc:
+        print(f"lofit-train: error: {exc}", file=sys.stderr)
+        return 1
     summary = {"adapter": str(out), "heads": adapter.head_list(), "content_sha256": adapter.content_sha256,
                "metrics": adapter.metadata.get("metrics")}
     print(json.dumps(summary, indent=2))

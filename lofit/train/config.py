@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,10 @@ class TrainConfig:
     max_len: int | None = None
     dtype: str = "float32"
     device: str = "cpu"
+    distributed: str | None = None  # none | ddp | fsdp; None: detected from the launcher's environment
+    device_map: str | None = None  # "auto": spread one model over this node's GPUs (transformers/accelerate)
+    mixed_precision: str | None = None  # no | bf16; None: accelerate launch's setting, else no
+    gradient_checkpointing: bool = False
     limit: int | None = None
     mc_eval: bool = True
     progress: bool = True
@@ -73,6 +78,18 @@ class TrainConfig:
             raise ConfigError("--random-heads and --heads-from both choose the heads; give at most one")
         if out.dtype not in ("float32", "bfloat16"):
             raise ConfigError("--dtype must be float32 or bfloat16")
+        if out.mixed_precision is None:
+            launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+            if launcher not in ("no", "bf16"):
+                raise ConfigError(f"accelerate's mixed_precision {launcher!r} is not supported: use bf16 or no "
+                                  "(LoFiT parameters always train in float32)")
+            out.mixed_precision = launcher
+        if out.mixed_precision not in ("no", "bf16"):
+            raise ConfigError("--mixed-precision must be no or bf16")
+        if os.environ.get("FSDP_ACTIVATION_CHECKPOINTING", "").lower() == "true":
+            out.gradient_checkpointing = True
+        if out.device_map not in (None, "auto"):
+            raise ConfigError("--device-map takes only auto (spread the model over this node's GPUs)")
         for name in ("epochs_a", "epochs_v", "batch_size", "grad_accum", "max_prompt_len", "max_len"):
             if getattr(out, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")
@@ -105,7 +122,8 @@ class TrainConfig:
 
     def hyperparameters(self) -> dict[str, Any]:
         """What the adapter records (paths and switches that do not change the result left out)."""
-        skip = {"model", "out", "data", "val_data", "name", "progress", "device", "heads_from"}
+        skip = {"model", "out", "data", "val_data", "name", "progress", "device", "heads_from", "distributed",
+                "device_map", "gradient_checkpointing"}
         return {k: v for k, v in asdict(self).items() if k not in skip}
 
     @classmethod

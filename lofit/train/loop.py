@@ -1,5 +1,13 @@
 """The optimisation loop shared by both stages: AdamW (no weight decay), linear decay without warm-up,
-gradient clipping and accumulation, a validation pass per epoch, a progress bar."""
+gradient clipping and accumulation, data parallelism over ranks, a validation pass per epoch, a progress bar.
+
+One optimiser step covers ``batch_size × grad_accum × world_size`` examples: the epoch's shuffled order is cut
+into micro-batches of ``batch_size``, and each step's ``grad_accum × world_size`` micro-batches are dealt
+round-robin to the ranks. Each rank back-propagates ``loss_sum / N`` for its micro-batches, where ``N`` is the
+step's total count (scored tokens or pairs, known to every rank since every rank holds the data), the LoFiT
+gradients are summed over ranks, then the stage-1 L1 term's gradient is added on every rank, then clipping
+and AdamW. So the update is that of one process with the same global batch.
+"""
 
 from __future__ import annotations
 
@@ -30,53 +38,53 @@ class StageHistory:
 
 def optimise(params: list[torch.nn.Parameter], objective: Objective, train: list[tuple[Encoded, ...]],
              val: list[tuple[Encoded, ...]], *, lr: float, epochs: int, batch_size: int, grad_accum: int,
-             max_grad_norm: float, seed: int, steer: Callable[[], None],
-             penalty: Callable[[], torch.Tensor] | None = None, desc: str = "train",
-             progress: bool = True) -> StageHistory:
-    """Train ``params`` on ``train``; ``steer()`` is called before every forward to install them."""
+             max_grad_norm: float, seed: int, penalty: Callable[[], torch.Tensor] | None = None,
+             desc: str = "train", progress: bool = True) -> StageHistory:
+    """Train ``params`` (LoFiT parameters already attached to ``objective.model``) on ``train``.
+
+    ``penalty()`` (stage 1's ``λ·Σ|A|``) is added once per optimiser step. Returns the stage's history; the
+    progress bar shows on rank 0 only."""
+    dist = objective.dist
     history = StageHistory()
     started = time.perf_counter()
-    micro_batches = math.ceil(len(train) / batch_size)
-    steps_per_epoch = math.ceil(micro_batches / grad_accum)
+    per_step = grad_accum * (dist.world_size if dist.active else 1)
+    steps_per_epoch = math.ceil(math.ceil(len(train) / batch_size) / per_step)
     total_steps = steps_per_epoch * epochs
     optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, 1 - step / total_steps))
     generator = torch.Generator().manual_seed(seed)
     objective.model.train()
-    bar = tqdm(total=total_steps, desc=desc, disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=total_steps, desc=desc, disable=not (progress and dist.is_main), dynamic_ncols=True)
     step = 0
     for epoch in range(epochs):
         order = torch.randperm(len(train), generator=generator).tolist()
-        batches = list(objective.batches(train, batch_size, order))
+        chunks = objective.chunks(order, batch_size)
         epoch_losses = []
-        for first in range(0, len(batches), grad_accum):
-            group = batches[first:first + grad_accum]
-            task_total, penalty_value = 0.0, 0.0
-            for batch in group:
-                steer()
-                task_loss = objective.loss(batch, train)
-                loss = task_loss
-                if penalty is not None:
-                    reg = penalty()
-                    loss = loss + reg
-                    penalty_value = reg.item()
-                (loss / len(group)).backward()
-                task_total += task_loss.item() / len(group)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm).item()
-            lr_now = schedule.get_last_lr()[0]
+        for first in range(0, len(chunks), per_step):
+            group = chunks[first:first + per_step]
+            norm = max(1, sum(objective.count(train, indices) for indices in group))
+            local = 0.0
+            for indices, weight in objective.share(group):
+                loss_sum = objective.loss_sum(objective.batch(train, indices), train)
+                ((loss_sum / norm) * weight).backward()
+                local += loss_sum.item() * weight
+            dist.sum_grads(params)
+            task_loss = dist.sum_floats(local)[0] / norm
+            record = {"step": step + 1, "epoch": epoch + 1, "loss": task_loss}
+            if penalty is not None:
+                reg = penalty()
+                reg.backward()
+                record["l1_penalty"] = reg.item()
+            record["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, max_grad_norm).item()
+            record["lr"] = schedule.get_last_lr()[0]
             optimizer.step()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            record = {"step": step, "epoch": epoch + 1, "loss": task_total, "lr": lr_now,
-                      "grad_norm": grad_norm}
-            if penalty is not None:
-                record["l1_penalty"] = penalty_value
             history.steps.append(record)
-            epoch_losses.append(task_total)
+            epoch_losses.append(task_loss)
             bar.update(1)
-            bar.set_postfix(epoch=epoch + 1, loss=f"{task_total:.4f}")
-        steer()
+            bar.set_postfix(epoch=epoch + 1, loss=f"{task_loss:.4f}")
         result = objective.evaluate(val, batch_size) if val else None
         summary = {"epoch": epoch + 1, "train_loss": sum(epoch_losses) / len(epoch_losses),
                    "seconds": round(time.perf_counter() - started, 3)}

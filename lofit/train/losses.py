@@ -1,4 +1,4 @@
-"""Task losses: completion-only cross-entropy (SFT) and sigmoid DPO on summed answer log-probs."""
+"""Task losses: per-token log-probs (SFT sums them over the completion) and sigmoid DPO on summed answer log-probs."""
 
 from __future__ import annotations
 
@@ -18,14 +18,15 @@ def sequence_logprobs(logits: torch.Tensor, input_ids: torch.Tensor,
     return (token_logprobs(logits, input_ids) * score_mask[:, 1:]).sum(-1)
 
 
-def sft_loss(logits: torch.Tensor, input_ids: torch.Tensor, score_mask: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over the scored (completion) tokens of the batch."""
-    mask = score_mask[:, 1:]
-    return -(token_logprobs(logits, input_ids) * mask).sum() / mask.sum().clamp(min=1)
+def dpo_losses(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
+               ref_rejected: torch.Tensor, beta: float) -> torch.Tensor:
+    """``[N]`` per-pair ``-log sigmoid(beta * ((pi_w - ref_w) - (pi_l - ref_l)))`` (Rafailov et al., 2023, eq. 7;
+    trl's ``sigmoid`` loss); every input is ``[N]`` summed answer log-probs."""
+    margin = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
+    return -F.logsigmoid(beta * margin)
 
 
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
              ref_rejected: torch.Tensor, beta: float) -> torch.Tensor:
-    """Mean of ``-log sigmoid(beta * ((pi_w - ref_w) - (pi_l - ref_l)))`` (trl's sigmoid loss)."""
-    margin = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
-    return -F.logsigmoid(beta * margin).mean()
+    """The mean of :func:`dpo_losses` over the pairs."""
+    return dpo_losses(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta).mean()

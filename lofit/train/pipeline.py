@@ -1,21 +1,26 @@
-"""The whole ``lofit-train`` run: load, stage 1, stage 2, evaluate, write the adapter directory."""
+"""The whole ``lofit-train`` run: load, stage 1, stage 2, evaluate, write the adapter directory.
+
+Under ``torchrun`` / ``accelerate launch`` every rank runs this same function (:mod:`lofit.train.distributed`);
+rank 0 alone writes the adapter, its picture and its report, and the others learn whether that worked."""
 
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from lofit.adapter import REPORT_FILE, LofitAdapter, load_adapter
-from lofit.heads import identity_from_checkpoint
+from lofit.heads import identity_from_checkpoint, layout_from_config
 from lofit.hf import load_model, pad_token_id, seed_everything
-from lofit.intervene import LofitHooks, apply_adapters
+from lofit.intervene import apply_adapters
 from lofit.picture import heads_png
 from lofit.tasks import TaskData, load_task
 from lofit.train.config import ConfigError, TrainConfig
 from lofit.train.data import encode_examples
+from lofit.train.distributed import Distributed, local_parameter_bytes, resolve_mode
 from lofit.train.objective import Objective
 from lofit.train.stage1 import random_selection, select_heads, selection_from_adapter
 from lofit.train.stage2 import tune_offsets
@@ -30,11 +35,12 @@ def _truthfulqa_mc(model, tokenizer, adapter: LofitAdapter, fold: int, limit: in
     items = eval_items(split="val", fold=fold, limit=limit)
 
     def mc(desc: str) -> dict[str, Any]:
+        # every rank runs the same forwards (FSDP's all-gathers need them all); only rank 0 shows progress
         result = evaluate_mc(ModelBackend(model, tokenizer, progress, desc), items, None)
         return {"mc1": result["mc1"], "mc2": result["mc2"], "questions": result["items"]}
 
     before = mc("MC on val, base model")
-    with apply_adapters(model, adapter):
+    with apply_adapters(model, adapter, check_fingerprint=False):  # made from this checkpoint's identity
         after = mc("MC on val, with adapter")
     return {"split": f"fold_{fold}_val", "before": before, "after": after}
 
@@ -45,41 +51,106 @@ def _limit(task: TaskData, limit: int | None) -> TaskData:
     return task
 
 
-def train_adapter(config: TrainConfig) -> Path:
-    """Run both stages and write the adapter directory to ``config.out``; returns its path."""
+def _decoder_layers(model) -> list:
+    """The modules FSDP shards one by one: those whose classes the model lists in ``_no_split_modules`` (its
+    decoder layers, and a vision tower's blocks), as accelerate's ``TRANSFORMER_BASED_WRAP`` policy picks them."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        raise ConfigError(f"--distributed fsdp: {type(model).__name__} names no layer classes in _no_split_modules "
+                          "to shard")
+    return layers
+
+
+def _load(cfg: TrainConfig, dist: Distributed):
+    """The frozen model placed for this run: on the rank's device, sharded by FSDP2, or spread by accelerate."""
+    if cfg.device_map is not None:
+        tokenizer, model = load_model(cfg.model, cfg.dtype, "cpu", device_map=cfg.device_map)
+        device = model.get_input_embeddings().weight.device
+    elif dist.mode == "fsdp":
+        tokenizer, model = load_model(cfg.model, cfg.dtype, "cpu")
+        device = dist.device
+    else:
+        tokenizer, model = load_model(cfg.model, cfg.dtype, dist.device)
+        device = dist.device
+    full_bytes = local_parameter_bytes(model)
+    dist.shard_model(model, _decoder_layers(model) if dist.mode == "fsdp" else [])
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    placement = {"mode": dist.mode, "world_size": dist.world_size, "device": str(device),
+                 "device_map": None if cfg.device_map is None else
+                 {k: str(v) for k, v in getattr(model, "hf_device_map", {}).items()},
+                 "mixed_precision": cfg.mixed_precision, "gradient_checkpointing": cfg.gradient_checkpointing,
+                 "base_parameter_bytes": full_bytes,
+                 "base_parameter_bytes_per_rank": [int(b) for b in dist.gather_float(local_parameter_bytes(model))]}
+    return tokenizer, model, device, placement
+
+
+def _check_writable(out: Path) -> None:
+    """Fail before training, not after it, when ``--out`` cannot be written (raises :class:`ConfigError`)."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: exists and is not a directory")
+    blocker = next((p for p in out.resolve().parents if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise ConfigError(f"--out {out}: {blocker} is a file, not a directory")
+    try:
+        out.resolve().parent.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryDirectory(dir=out.resolve().parent).cleanup()
+    except OSError as exc:
+        raise ConfigError(f"--out {out}: cannot write there ({exc.strerror or exc})") from None
+
+
+def train_adapter(config: TrainConfig) -> Path | None:
+    """Run both stages and write the adapter directory to ``config.out``; returns its path (``None`` on ranks
+    other than 0 of a distributed run). Raises :class:`ConfigError`, :class:`~lofit.tasks.TaskError`,
+    :class:`~lofit.adapter.AdapterError` for bad settings or data, and
+    :class:`~lofit.train.distributed.RankFailed` on a rank whose rank 0 failed to write."""
     cfg = config.resolved()
+    mode = resolve_mode(cfg.distributed)
+    if cfg.device_map is not None and mode != "none":
+        raise ConfigError(f"--device-map auto spreads one model over this node's devices; it cannot be combined "
+                          f"with --distributed {mode} (use fsdp to shard a model too large for one device)")
+    dist = Distributed.start(mode, cfg.device)
+    try:
+        dist.on_main(lambda: _check_writable(Path(cfg.out)))
+        return _train(cfg, dist)
+    finally:
+        dist.close()
+
+
+def _train(cfg: TrainConfig, dist: Distributed) -> Path | None:
     started = time.perf_counter()
     task = _limit(load_task(cfg.task, cfg.data, cfg.val_data, cfg.fold, cfg.train_size, cfg.seed), cfg.limit)
     seed_everything(cfg.seed)
-    tokenizer, model = load_model(cfg.model, cfg.dtype, cfg.device)
+    tokenizer, model, device, placement = _load(cfg, dist)
     identity = identity_from_checkpoint(cfg.model, name=Path(cfg.model).resolve().name)
-    hooks = LofitHooks(model)
-    k = cfg.num_heads(hooks.layout.total_heads)
+    layout = layout_from_config(model.config)
+    k = cfg.num_heads(layout.total_heads)
     train = encode_examples(tokenizer, task.train, cfg.max_prompt_len, cfg.max_len)
     val = encode_examples(tokenizer, task.val, cfg.max_prompt_len, cfg.max_len)
-    objective = Objective(model, task.loss, pad_token_id(tokenizer), cfg.beta, cfg.device)
+    objective = Objective(model, task.loss, pad_token_id(tokenizer), cfg.beta, device, dist, cfg.mixed_precision)
+    progress = cfg.progress and dist.is_main
     common = dict(seed=cfg.seed, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
-                  max_grad_norm=cfg.max_grad_norm, init_std=cfg.init_std, progress=cfg.progress)
+                  max_grad_norm=cfg.max_grad_norm, init_std=cfg.init_std, progress=progress)
     load_seconds = time.perf_counter() - started
 
     if cfg.heads_from:
         source = load_adapter(cfg.heads_from, expect_base=identity)
-        selection = selection_from_adapter(source, hooks.layout)
+        selection = selection_from_adapter(source, layout)
         if k > len(selection.ranking):
             raise ConfigError(f"--heads-from {cfg.heads_from} ranks only {len(selection.ranking)} heads; "
                               f"K = {k} needs more")
         reused = {"adapter": source.name, "task": source.task, "content_sha256": source.content_sha256}
         how = "reused"
     elif cfg.random_heads:
-        selection, reused, how = random_selection(hooks.layout, k, cfg.seed), None, "random"
+        selection, reused, how = random_selection(layout, k, cfg.seed), None, "random"
     else:
-        selection = select_heads(objective, hooks, train, val, lr=cfg.lr_a, l1=cfg.l1, epochs=cfg.epochs_a,
+        selection = select_heads(objective, layout, train, val, lr=cfg.lr_a, l1=cfg.l1, epochs=cfg.epochs_a,
                                  **common)
         reused, how = None, "stage1"
     seed_everything(cfg.seed)  # stage 2 starts afresh, as the reference's second process does
-    tuned = tune_offsets(objective, hooks, selection.top(k), train, val, lr=cfg.lr_v, epochs=cfg.epochs_v,
+    tuned = tune_offsets(objective, layout, selection.top(k), train, val, lr=cfg.lr_v, epochs=cfg.epochs_v,
                          **common)
-    hooks.remove()
 
     heads = [tuple(h) for h in tuned.heads.tolist()]
     # Stage-1 scales are only meaningful when this run's stage 1 produced them.
@@ -91,11 +162,14 @@ def train_adapter(config: TrainConfig) -> Path:
         "stage2_train_loss_first_epoch": tuned.history.epochs[0]["train_loss"],
         "stage2_train_loss_last_epoch": tuned.history.epochs[-1]["train_loss"],
     }
+    hyperparameters = cfg.hyperparameters()
+    if dist.active:
+        hyperparameters["world_size"] = dist.world_size
     adapter = LofitAdapter(
         heads=tuned.heads, offsets=tuned.offsets, scales=scales, base_model=identity, name=name,
         task=task.name,
-        metadata={"hyperparameters": cfg.hyperparameters(), "data": task.identity(), "metrics": metrics,
-                  "selection": {"k": k, "percent_of_heads": round(100 * k / hooks.layout.total_heads, 2),
+        metadata={"hyperparameters": hyperparameters, "data": task.identity(), "metrics": metrics,
+                  "selection": {"k": k, "percent_of_heads": round(100 * k / layout.total_heads, 2),
                                 "head_selection": how, "seed": cfg.seed,
                                 "ranking": [list(h) for h in selection.ranking],
                                 "scores": None if selection.scores is None else
@@ -104,8 +178,7 @@ def train_adapter(config: TrainConfig) -> Path:
     )
     if task.name == "truthfulqa" and cfg.mc_eval:
         mc_started = time.perf_counter()
-        metrics["truthfulqa_mc"] = _truthfulqa_mc(model, tokenizer, adapter, cfg.fold, cfg.limit,
-                                                   cfg.progress)
+        metrics["truthfulqa_mc"] = _truthfulqa_mc(model, tokenizer, adapter, cfg.fold, cfg.limit, progress)
         metrics["truthfulqa_mc"]["seconds"] = round(time.perf_counter() - mc_started, 3)
     report = {
         "timings_seconds": {"load": round(load_seconds, 3), "stage1": round(selection.history.seconds, 3),
@@ -114,11 +187,16 @@ def train_adapter(config: TrainConfig) -> Path:
         "stage1": selection.history.as_dict(),
         "stage2": tuned.history.as_dict(),
         "metrics": metrics,
+        "placement": placement,
         "config": asdict(cfg),
     }
-    title = (f"{k} of {hooks.layout.total_heads} heads drawn at random (seed {cfg.seed})" if how == "random" else
-             f"top {k} of {hooks.layout.total_heads} heads by stage-1 ||A||")
-    picture = heads_png(selection.scores, heads, hooks.layout.num_layers, hooks.layout.num_heads,
-                        f"{name} ({task.name}): {title}")
-    return adapter.save(cfg.out, extra_files={"heads.png": picture,
-                                              REPORT_FILE: (json.dumps(report, indent=2) + "\n").encode()})
+
+    def write() -> Path:
+        title = (f"{k} of {layout.total_heads} heads drawn at random (seed {cfg.seed})" if how == "random" else
+                 f"top {k} of {layout.total_heads} heads by stage-1 ||A||")
+        picture = heads_png(selection.scores, heads, layout.num_layers, layout.num_heads,
+                            f"{name} ({task.name}): {title}")
+        return adapter.save(cfg.out, extra_files={"heads.png": picture,
+                                                  REPORT_FILE: (json.dumps(report, indent=2) + "\n").encode()})
+
+    return dist.on_main(write)

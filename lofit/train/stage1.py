@@ -9,10 +9,10 @@ import torch
 
 from lofit.adapter import AdapterError, LofitAdapter
 from lofit.heads import HeadLayout
-from lofit.intervene import LofitHooks
 from lofit.train.data import Encoded
 from lofit.train.loop import StageHistory, optimise
 from lofit.train.objective import Objective
+from lofit.train.parameters import LofitParameters
 
 RANKING_KEPT = 160  # the reference saves the top 160 heads of the ranking
 
@@ -38,29 +38,25 @@ def rank_heads(scores: torch.Tensor, keep: int = RANKING_KEPT) -> list[tuple[int
     return [(int(i) // num_heads, int(i) % num_heads) for i in order]
 
 
-def select_heads(objective: Objective, hooks: LofitHooks, train: list[tuple[Encoded, ...]],
+def select_heads(objective: Objective, layout: HeadLayout, train: list[tuple[Encoded, ...]],
                  val: list[tuple[Encoded, ...]], *, lr: float, l1: float, epochs: int, init_std: float,
                  seed: int, batch_size: int, grad_accum: int, max_grad_norm: float,
                  progress: bool = True) -> HeadSelection:
-    """Train ``A ~ N(0, init_std)`` on all heads with ``task loss + l1 * sum|A|``; return the ranking."""
+    """Train ``A ~ N(0, init_std)`` (float32 ``[L, H, d]``) on all heads with ``task loss + l1 * sum|A|``
+    (Yin et al., 2024, §3.1, eq. 2); return the heads ranked by ``||A[l, h]||_2``. ``A`` is drawn on the CPU
+    generator, so every rank of a distributed run starts from the same values."""
     torch.manual_seed(seed)
-    layout = hooks.layout
-    device = next(objective.model.parameters()).device
-    init = torch.randn(layout.num_layers, layout.num_heads, layout.head_dim) * init_std  # drawn on the CPU RNG
-    scales = torch.nn.Parameter(init.to(device))
-
-    def steer() -> None:
-        hooks.scales, hooks.offsets = scales, None
-
-    steer()
-    objective.precompute_reference(train, batch_size)
-    objective.precompute_reference(val, batch_size)
-    history = optimise([scales], objective, train, val, lr=lr, epochs=epochs, batch_size=batch_size,
-                       grad_accum=grad_accum, max_grad_norm=max_grad_norm, seed=seed, steer=steer,
-                       penalty=lambda: l1 * scales.abs().sum(), desc="stage 1: select heads",
-                       progress=progress)
-    hooks.scales = None
-    learned = scales.detach().float().cpu()
+    init = torch.randn(layout.num_layers, layout.num_heads, layout.head_dim) * init_std
+    lofit = LofitParameters(layout, scales=init).to(objective.device)
+    with lofit.attach(objective.model):
+        objective.precompute_reference(train, batch_size)
+        objective.precompute_reference(val, batch_size)
+        history = optimise(lofit.trainable(), objective, train, val, lr=lr, epochs=epochs, batch_size=batch_size,
+                           grad_accum=grad_accum, max_grad_norm=max_grad_norm, seed=seed,
+                           penalty=lambda: l1 * lofit.scales.abs().sum(), desc="stage 1: select heads",
+                           progress=progress)
+    objective.dist.check_same(lofit.trainable())
+    learned = lofit.scales.detach().float().cpu()
     scores = learned.norm(dim=-1)
     return HeadSelection(scores=scores, scales=learned, ranking=rank_heads(scores), history=history)
 

@@ -6,10 +6,11 @@ from dataclasses import dataclass
 
 import torch
 
-from lofit.intervene import LofitHooks, dense_table
+from lofit.heads import HeadLayout
 from lofit.train.data import Encoded
 from lofit.train.loop import StageHistory, optimise
 from lofit.train.objective import Evaluation, Objective
+from lofit.train.parameters import LofitParameters
 
 
 @dataclass
@@ -23,29 +24,24 @@ class TunedOffsets:
     history: StageHistory
 
 
-def tune_offsets(objective: Objective, hooks: LofitHooks, heads: list[tuple[int, int]],
+def tune_offsets(objective: Objective, layout: HeadLayout, heads: list[tuple[int, int]],
                  train: list[tuple[Encoded, ...]], val: list[tuple[Encoded, ...]], *, lr: float, epochs: int,
                  init_std: float, seed: int, batch_size: int, grad_accum: int, max_grad_norm: float,
                  progress: bool = True) -> TunedOffsets:
-    """Train ``v ~ N(0, init_std)`` on ``heads``; every other head's offset stays exactly zero."""
+    """Train ``v ~ N(0, init_std)`` (float32 ``[K, d]``) on ``heads`` with the task loss only (Yin et al., 2024,
+    §3.2); every other head's offset stays exactly zero. The DPO reference is the model at ``v``'s init."""
     torch.manual_seed(seed)
     head_index = torch.tensor(sorted(heads), dtype=torch.int64)
-    device = next(objective.model.parameters()).device
-    offsets = torch.nn.Parameter((torch.randn(len(heads), hooks.layout.head_dim) * init_std).to(device))
-    index_on_device = head_index.to(device)
-
-    def steer() -> None:
-        hooks.scales = None
-        hooks.offsets = dense_table(index_on_device, offsets, hooks.layout)
-
-    steer()
-    objective.reference.clear()  # the reference policy is this stage's initial model
-    objective.precompute_reference(train, batch_size)
-    objective.precompute_reference(val, batch_size)
-    val_before = objective.evaluate(val, batch_size) if val else None
-    history = optimise([offsets], objective, train, val, lr=lr, epochs=epochs, batch_size=batch_size,
-                       grad_accum=grad_accum, max_grad_norm=max_grad_norm, seed=seed, steer=steer,
-                       desc="stage 2: tune offsets", progress=progress)
-    val_after = objective.evaluate(val, batch_size) if val else None
-    hooks.offsets = None
-    return TunedOffsets(head_index, offsets.detach().float().cpu(), val_before, val_after, history)
+    init = torch.randn(len(heads), layout.head_dim) * init_std
+    lofit = LofitParameters(layout, heads=head_index, offsets=init).to(objective.device)
+    with lofit.attach(objective.model):
+        objective.reference.clear()  # the reference policy is this stage's initial model
+        objective.precompute_reference(train, batch_size)
+        objective.precompute_reference(val, batch_size)
+        val_before = objective.evaluate(val, batch_size) if val else None
+        history = optimise(lofit.trainable(), objective, train, val, lr=lr, epochs=epochs, batch_size=batch_size,
+                           grad_accum=grad_accum, max_grad_norm=max_grad_norm, seed=seed,
+                           desc="stage 2: tune offsets", progress=progress)
+        val_after = objective.evaluate(val, batch_size) if val else None
+    objective.dist.check_same(lofit.trainable())
+    return TunedOffsets(head_index, lofit.offsets.detach().float().cpu(), val_before, val_after, history)

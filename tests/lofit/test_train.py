@@ -135,7 +135,7 @@ def test_stage1_finds_the_heads_of_a_planted_signal(stories_model, stories_token
     train = [(Encoded(c + [t], [False] * len(c) + [True]),) for c, t in zip(contexts, targets, strict=True)]
     objective = Objective(stories_model, "sft", pad_token_id(stories_tokenizer), 0.5, "cpu")
 
-    selection = select_heads(objective, hooks, train, [], lr=1e-2, l1=1e-2, epochs=3, init_std=1e-3, seed=42,
+    selection = select_heads(objective, hooks.layout, train, [], lr=1e-2, l1=1e-2, epochs=3, init_std=1e-3, seed=42,
                              batch_size=8, grad_accum=1, max_grad_norm=1.0, progress=False)
 
     assert sorted(selection.top(3)) == planted
@@ -152,7 +152,7 @@ def test_stage2_lowers_the_training_loss_and_trains_only_selected_offsets(storie
     weights_before = {k: v.clone() for k, v in stories_model.state_dict().items()}
     heads = [(4, 1), (0, 3), (2, 6)]
 
-    tuned = tune_offsets(objective, hooks, heads, train, train, lr=5e-2, epochs=4, init_std=1e-3, seed=0,
+    tuned = tune_offsets(objective, hooks.layout, heads, train, train, lr=5e-2, epochs=4, init_std=1e-3, seed=0,
                          batch_size=4, grad_accum=1, max_grad_norm=1.0, progress=False)
 
     assert tuned.val_after.loss < tuned.val_before.loss - 0.5
@@ -169,7 +169,7 @@ def test_linear_decay_without_warmup_and_gradient_accumulation(stories_model, st
     train = encode_examples(stories_tokenizer, examples, 128, 64)
     objective = Objective(stories_model, "sft", pad_token_id(stories_tokenizer), 0.5, "cpu")
     hooks = LofitHooks(stories_model)
-    tuned = tune_offsets(objective, hooks, [(1, 1)], train, [], lr=0.1, epochs=2, init_std=1e-3, seed=0,
+    tuned = tune_offsets(objective, hooks.layout, [(1, 1)], train, [], lr=0.1, epochs=2, init_std=1e-3, seed=0,
                          batch_size=2, grad_accum=2, max_grad_norm=1.0, progress=False)
     hooks.remove()
     # 8 examples / batch 2 = 4 micro-batches = 2 optimiser steps per epoch, 4 in all.
