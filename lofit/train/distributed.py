@@ -210,17 +210,38 @@ class Distributed:
         """This rank's round-robin share of ``items`` (all of them when single-process)."""
         return items[self.rank::self.world_size] if self.active else list(items)
 
+    @property
+    def local_world_size(self) -> int:
+        """Ranks on this node (``LOCAL_WORLD_SIZE`` from the launcher; 1 when single-process)."""
+        return int(os.environ.get("LOCAL_WORLD_SIZE", self.world_size)) if self.active else 1
+
+    def barrier(self) -> None:
+        """Wait for every rank (no-op when single-process)."""
+        if self.active and self.world_size > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def prepare_mesh(self) -> None:
+        """Make FSDP's device mesh (a collective: every rank calls it, before any rank shards)."""
+        if self.mode == "fsdp" and getattr(self, "_mesh", None) is None:
+            from torch.distributed.device_mesh import init_device_mesh
+
+            self._mesh = init_device_mesh(self.device.type, (self.world_size,))
+
     def shard_model(self, model: torch.nn.Module, layers: list[torch.nn.Module]) -> None:
-        """FSDP2: shard each of ``layers`` (the decoder layers), then the rest of ``model``, over all ranks."""
+        """FSDP2: shard each of ``layers`` (the decoder layers), then the rest of ``model``, over all ranks.
+
+        A local operation (each rank keeps its slice of the full tensors it holds); call :meth:`prepare_mesh`
+        on every rank first."""
         if self.mode != "fsdp":
             return
-        from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
-        mesh = init_device_mesh(self.device.type, (self.world_size,))
+        self.prepare_mesh()
         for layer in layers:
-            fully_shard(layer, mesh=mesh)
-        fully_shard(model, mesh=mesh)
+            fully_shard(layer, mesh=self._mesh)
+        fully_shard(model, mesh=self._mesh)
 
 
 def local_parameter_bytes(model: torch.nn.Module) -> int:

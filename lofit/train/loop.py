@@ -62,6 +62,7 @@ def optimise(params: list[torch.nn.Parameter], objective: Objective, train: list
         epoch_losses = []
         for first in range(0, len(chunks), per_step):
             group = chunks[first:first + per_step]
+            step_started = time.perf_counter()
             norm = max(1, sum(objective.count(train, indices) for indices in group))
             local = 0.0
             for indices, weight in objective.share(group):
@@ -81,6 +82,7 @@ def optimise(params: list[torch.nn.Parameter], objective: Objective, train: list
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
+            record["seconds"] = round(time.perf_counter() - step_started, 4)
             history.steps.append(record)
             epoch_losses.append(task_loss)
             bar.update(1)

@@ -68,13 +68,22 @@ def _load(cfg: TrainConfig, dist: Distributed):
         tokenizer, model = load_model(cfg.model, cfg.dtype, "cpu", device_map=cfg.device_map)
         device = model.get_input_embeddings().weight.device
     elif dist.mode == "fsdp":
-        tokenizer, model = load_model(cfg.model, cfg.dtype, "cpu")
+        # The ranks of a node take turns: each reads the whole checkpoint into host memory and keeps only its
+        # shard (fully_shard slices locally), so a node's host-memory peak is one model plus shards, not one
+        # model per rank.
+        dist.prepare_mesh()
+        for turn in range(dist.local_world_size):
+            if turn == dist.local_rank:
+                tokenizer, model = load_model(cfg.model, cfg.dtype, "cpu")
+                full_bytes = local_parameter_bytes(model)
+                dist.shard_model(model, _decoder_layers(model))
+            dist.barrier()
         device = dist.device
     else:
         tokenizer, model = load_model(cfg.model, cfg.dtype, dist.device)
         device = dist.device
-    full_bytes = local_parameter_bytes(model)
-    dist.shard_model(model, _decoder_layers(model) if dist.mode == "fsdp" else [])
+    if dist.mode != "fsdp":
+        full_bytes = local_parameter_bytes(model)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     placement = {"mode": dist.mode, "world_size": dist.world_size, "device": str(device),
