@@ -3,7 +3,7 @@
 Both run on the same batch (the first ``--pairs`` TruthfulQA DPO pairs, chosen and rejected in one
 padded batch). The plain step is forward, the same summed answer log-prob loss, and a backward through the
 whole frozen network (to its input embeddings), which any gradient method reaching layer 0 must pay.
-The LoFiT step is the trainer's real step: install offsets, forward, DPO loss, backward, clip, AdamW and
+The LoFiT step is the trainer's real step: attach the LoFiT module, forward, DPO loss, backward, clip, AdamW and
 schedule. Its heads are spread over the layers, one in layer 0, so the backward is as deep as the plain
 one (the worst case; heads only in later layers make stage 2 cheaper). Stage 1 (scales on every head) is
 timed too. Variants are interleaved, the median of ``--repeats`` is reported.
@@ -23,12 +23,13 @@ from pathlib import Path
 import torch
 
 from lofit.default_model import default_model_dir
+from lofit.heads import layout_from_config
 from lofit.hf import load_model, pad_token_id
-from lofit.intervene import LofitHooks, dense_table
 from lofit.tasks import load_task
 from lofit.train.data import collate, encode_examples
 from lofit.train.losses import sequence_logprobs
 from lofit.train.objective import Objective
+from lofit.train.parameters import LofitParameters
 
 
 def spread_heads(num_layers: int, num_heads: int, k: int) -> list[tuple[int, int]]:
@@ -51,41 +52,38 @@ def main() -> None:
     pairs = load_task("truthfulqa").train[: args.pairs]
     encoded = encode_examples(tokenizer, pairs, 128, 512)
     objective = Objective(model, "dpo", pad_token_id(tokenizer), 0.5, "cpu")
-    hooks = LofitHooks(model)
-    layout = hooks.layout
+    layout = layout_from_config(model.config)
     k = max(1, round(layout.total_heads * args.heads_percent / 100))
     heads = torch.tensor(sorted(spread_heads(layout.num_layers, layout.num_heads, k)))
-    offsets = torch.nn.Parameter(torch.randn(k, layout.head_dim) * 1e-3)
-    scales = torch.nn.Parameter(torch.randn(layout.num_layers, layout.num_heads, layout.head_dim) * 1e-3)
-    opt_v = torch.optim.AdamW([offsets], lr=1e-2, weight_decay=0.0)
-    opt_a = torch.optim.AdamW([scales], lr=5e-3, weight_decay=0.0)
+    stage2_params = LofitParameters(layout, heads=heads, offsets=torch.randn(k, layout.head_dim) * 1e-3)
+    stage1_params = LofitParameters(layout, scales=torch.randn(layout.num_layers, layout.num_heads,
+                                                               layout.head_dim) * 1e-3)
+    opt_v = torch.optim.AdamW(stage2_params.trainable(), lr=1e-2, weight_decay=0.0)
+    opt_a = torch.optim.AdamW(stage1_params.trainable(), lr=5e-3, weight_decay=0.0)
     batch = collate(encoded, list(range(len(encoded))), objective.pad_id)
     objective.precompute_reference(encoded, len(encoded))
     model.train()
 
     def plain_step() -> None:
-        hooks.scales = hooks.offsets = None
         embeds = model.get_input_embeddings()(batch.input_ids).detach().requires_grad_(True)
         logits = model(inputs_embeds=embeds, attention_mask=batch.attention_mask).logits
         sequence_logprobs(logits, batch.input_ids, batch.score_mask).sum().backward()
 
-    def lofit_step(params, optimizer, steer, penalty=None) -> None:
-        steer()
-        loss = objective.loss(batch, encoded)
-        if penalty is not None:
-            loss = loss + penalty()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+    def lofit_step(lofit: LofitParameters, optimizer, penalty=None) -> None:
+        with lofit.attach(model):
+            loss = objective.loss(batch, encoded)
+            if penalty is not None:
+                loss = loss + penalty()
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(lofit.trainable(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
     def stage2() -> None:
-        lofit_step([offsets], opt_v, lambda: setattr(hooks, "offsets", dense_table(heads, offsets, layout)))
+        lofit_step(stage2_params, opt_v)
 
     def stage1() -> None:
-        hooks.offsets = None
-        lofit_step([scales], opt_a, lambda: setattr(hooks, "scales", scales), lambda: 5e-4 * scales.abs().sum())
-        hooks.scales = None
+        lofit_step(stage1_params, opt_a, lambda: 5e-4 * stage1_params.scales.abs().sum())
 
     variants = {"plain forward+backward": plain_step, "LoFiT stage-2 step": stage2, "LoFiT stage-1 step": stage1}
     times: dict[str, list[float]] = {name: [] for name in variants}
@@ -96,7 +94,6 @@ def main() -> None:
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
-    hooks.remove()
 
     plain = statistics.median(times["plain forward+backward"])
     rows = [{"variant": name, "median_s": statistics.median(t), "min_s": min(t),
