@@ -7,7 +7,8 @@ pinned to one thread (``OMP_NUM_THREADS=1``). The worker runs the trainer's real
 AdamW) on TruthfulQA DPO pairs with ``--pairs-per-rank`` pairs per rank per step (weak scaling: 2 ranks do twice
 the work per step), and reads each step's wall time from the stage's history. Then it times a plain
 forward+backward of the frozen model on the same micro-batches (the loss is the summed answer log-probs; the
-backward runs to the input embeddings, as any gradient method reaching layer 0 must). The K = 3 % heads are
+backward runs to the input embeddings, as any gradient method reaching layer 0 must), ending at a barrier: like
+the LoFiT step's all-reduce, a data-parallel step waits for its slowest rank. The K = 3 % heads are
 spread over the layers from layer 0 (the deepest backward; see ``bench/train_step.py``).
 
 Reported: stage-2 tokens/s (non-pad tokens of all ranks over the measured steps / their wall time), the speed-up
@@ -80,6 +81,7 @@ def worker(args: argparse.Namespace) -> None:
                 sequence_logprobs(logits, batch.input_ids, batch.score_mask).sum().backward()
             if dist.device.type == "cuda":
                 torch.cuda.synchronize()
+            dist.barrier()  # a data-parallel step ends when its slowest rank does, as the LoFiT step's all-reduce
             plain_steps.append(time.perf_counter() - started)
         plain_steps, tokens = plain_steps[1:], tokens[1:]
         pairs_of_steps = [a / b for a, b in zip(lofit_steps, plain_steps, strict=True)]
