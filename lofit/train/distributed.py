@@ -157,7 +157,7 @@ class Distributed:
 
     def sum_floats(self, *values: float) -> list[float]:
         """Element-wise sums of ``values`` over the ranks (float64)."""
-        return self.sum_(torch.tensor(values, dtype=torch.float64)).tolist()
+        return self.sum_(torch.tensor(values, dtype=torch.float64, device=self.device)).tolist()
 
     def gather_float(self, value: float) -> list[float]:
         """``value`` from every rank, in rank order (``[value]`` when single-process)."""
