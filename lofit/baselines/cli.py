@@ -9,6 +9,7 @@ import sys
 from lofit.adapter import AdapterError, load_adapter
 from lofit.baselines.iti import DEFAULT_ALPHA, ITI_TASKS, BaselineError, make_iti_adapter
 from lofit.heads import UnsupportedModelError
+from lofit.hf import ModelLoadError
 from lofit.tasks import TaskError
 from lofit.train.config import ConfigError
 
@@ -68,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
                                limit=args.limit, name=args.name, batch_size=args.batch_size, dtype=args.dtype,
                                device=args.device, progress=args.progress)
         adapter = load_adapter(out)
-    except (BaselineError, ConfigError, TaskError, AdapterError, UnsupportedModelError, FileNotFoundError) as exc:
+    except (BaselineError, ConfigError, TaskError, AdapterError, UnsupportedModelError, ModelLoadError,
+            FileNotFoundError) as exc:
         print(f"lofit-baseline: error: {exc}", file=sys.stderr)
         return 2
     summary = {"adapter": str(out), "method": args.method, "heads": adapter.head_list(),

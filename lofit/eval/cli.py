@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from lofit.adapter import AdapterError, LofitAdapter, load_adapter
+from lofit.hf import ModelLoadError
 from lofit.tasks import EVAL_TASKS, TASKS, TaskError
 
 
@@ -143,7 +144,7 @@ def main(argv: list[str] | None = None) -> None:
             metric = TASKS[args.task].eval.metric
             print(f"[eval] {args.task} {label} {row['split']}: {metric} {100 * row[metric]:.1f} "
                   f"({row['items']} items)", file=sys.stderr, flush=True)
-    except (TaskError, AdapterError, FileNotFoundError) as exc:
+    except (TaskError, AdapterError, ModelLoadError, FileNotFoundError) as exc:
         fail(str(exc))
     report = {"task": args.task, "model": str(args.model), "backend": args.backend, "limit": args.limit,
               "seed": args.seed, "dtype": args.dtype, "results": results,

@@ -72,10 +72,18 @@ def require_file(path: Path, hint: str = "") -> Path:
     return path
 
 
+def read_text(path: Path) -> str:
+    """The UTF-8 text of a data file; raises :class:`TaskError` naming the file when it is not UTF-8 text."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise TaskError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
+
+
 def read_jsonl(path: Path) -> list[Any]:
     """Every non-blank line of a JSON-lines file, parsed; raises :class:`TaskError` naming the line of bad JSON."""
     rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(read_text(path).splitlines(), start=1):
         if line.strip():
             try:
                 rows.append(json.loads(line))

@@ -6,12 +6,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from lofit.tasks.base import PreferencePair, SFTExample, TaskData, TaskError, file_identity, require_file
+from lofit.tasks.base import PreferencePair, SFTExample, TaskData, TaskError, file_identity, read_text, require_file
 
 
 def _read(path: Path, fields: tuple[str, ...]) -> list[dict[str, str]]:
     rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(read_text(path).splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -25,6 +25,8 @@ def _read(path: Path, fields: tuple[str, ...]) -> list[dict[str, str]]:
             raise TaskError(f"{path}:{number}: needs string field(s) {missing}")
         if not all(row[f] for f in fields[1:]):
             raise TaskError(f"{path}:{number}: {list(fields[1:])} must not be empty")
+        if "chosen" in fields and row["chosen"] == row["rejected"]:
+            raise TaskError(f"{path}:{number}: chosen and rejected are the same answer (the pair teaches nothing)")
         rows.append(row)
     if not rows:
         raise TaskError(f"{path}: no examples")

@@ -9,6 +9,7 @@ from dataclasses import fields
 
 from lofit.adapter import AdapterError, load_adapter
 from lofit.heads import UnsupportedModelError
+from lofit.hf import ModelLoadError
 from lofit.tasks import TRAIN_TASKS, TaskError
 from lofit.train.config import ConfigError, TrainConfig
 from lofit.train.distributed import RankFailed
@@ -98,9 +99,16 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(**settings)
 
 
+def _error(message: str) -> None:
+    # one write per line: two ranks sharing a terminal do not interleave inside it
+    sys.stderr.write(f"lofit-train: error: {message}\n")
+    sys.stderr.flush()
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run ``lofit-train``; returns the exit status (2 with a one-line error for bad settings or data, 1 on a
-    rank whose rank 0 failed to write). Under ``torchrun`` every rank runs this; rank 0 prints the summary."""
+    """Run ``lofit-train``; returns the exit status (2 with a one-line error for bad settings or data, 1 for a
+    failure while running, 130 when interrupted). Under ``torchrun`` every rank runs this; rank 0 prints the
+    summary."""
     args = build_parser().parse_args(argv)
     try:
         from lofit.train.pipeline import train_adapter
@@ -109,16 +117,35 @@ def main(argv: list[str] | None = None) -> int:
         if out is None:  # a rank other than 0: rank 0 wrote the adapter and prints the summary
             return 0
         adapter = load_adapter(out)
-    except (ConfigError, TaskError, AdapterError, UnsupportedModelError, FileNotFoundError) as exc:
-        print(f"lofit-train: error: {exc}", file=sys.stderr)
+    except (ConfigError, TaskError, AdapterError, UnsupportedModelError, ModelLoadError, FileNotFoundError) as exc:
+        _error(str(exc))
         return 2
     except (RankFailed, OSError) as exc:
-        print(f"lofit-train: error: {exc}", file=sys.stderr)
+        _error(str(exc))
+        return 1
+    except KeyboardInterrupt:
+        _error("interrupted; nothing was written")
+        return 130
+    except RuntimeError as exc:
+        if not _is_distributed_error(exc):
+            raise
+        _error(f"lost contact with another rank, which probably failed or was stopped (see its own message); "
+               f"nothing was written ({str(exc).strip().splitlines()[0][:200]})")
         return 1
     summary = {"adapter": str(out), "heads": adapter.head_list(), "content_sha256": adapter.content_sha256,
                "metrics": adapter.metadata.get("metrics")}
     print(json.dumps(summary, indent=2))
     return 0
+
+
+def _is_distributed_error(exc: BaseException) -> bool:
+    """A collective that failed because a peer went away (torch.distributed's DistError family)."""
+    import torch.distributed as dist
+
+    family = tuple(getattr(dist, name) for name in ("DistError", "DistBackendError", "DistNetworkError")
+                   if hasattr(dist, name))
+    text = str(exc).lower()
+    return isinstance(exc, family) or "gloo" in text or "connection reset by peer" in text
 
 
 if __name__ == "__main__":

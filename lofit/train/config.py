@@ -17,6 +17,13 @@ class ConfigError(ValueError):
     """An invalid training configuration."""
 
 
+def check_device(device: str) -> None:
+    """Raise :class:`ConfigError` unless ``device`` is ``cpu``, ``cuda`` or ``cuda:N``."""
+    kind, _, index = device.partition(":")
+    if kind not in ("cpu", "cuda") or (index and not (kind == "cuda" and index.isdigit())):
+        raise ConfigError(f"--device {device!r}: lofit-train runs on cpu, cuda or cuda:N")
+
+
 @dataclass
 class TrainConfig:
     """All settings of a ``lofit-train`` run. ``None`` learning rates/L1 take the task's defaults
@@ -90,15 +97,20 @@ class TrainConfig:
             out.gradient_checkpointing = True
         if out.device_map not in (None, "auto"):
             raise ConfigError("--device-map takes only auto (spread the model over this node's GPUs)")
-        for name in ("epochs_a", "epochs_v", "batch_size", "grad_accum", "max_prompt_len", "max_len"):
+        check_device(out.device)
+        name = Path(out.out).name
+        if name in ("", ".", ".."):
+            raise ConfigError(f"--out {out.out!r}: give the path of the adapter directory to write, e.g. "
+                              "adapters/my-task")
+        for name in ("epochs", "epochs_a", "epochs_v", "batch_size", "grad_accum", "max_prompt_len", "max_len"):
             if getattr(out, name) < 1:
-                raise ConfigError(f"{name} must be at least 1")
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
         for name in ("lr_a", "lr_v", "beta", "init_std", "max_grad_norm"):
             value = getattr(out, name)
             if not (math.isfinite(value) and value > 0):
-                raise ConfigError(f"{name} must be a positive number")
+                raise ConfigError(f"--{name.replace('_', '-')} must be a positive number")
         if not (math.isfinite(out.l1) and out.l1 >= 0):
-            raise ConfigError("l1 must be >= 0")
+            raise ConfigError("--l1 must be >= 0")
         if not task.folds:
             if out.fold is not None:
                 raise ConfigError(f"--fold is only for tasks with folds (truthfulqa); {self.task} has none")

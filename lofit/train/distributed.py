@@ -21,6 +21,7 @@ with an FSDP config also sets ``ACCELERATE_USE_FSDP=true``). Sources: PyTorch's 
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -118,6 +119,15 @@ class Distributed:
             rank_device = torch.device("cuda", local_rank)
         else:
             rank_device = torch.device(kind)
+        missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+        if missing:
+            raise ConfigError(f"WORLD_SIZE={os.environ.get('WORLD_SIZE')} is set but {' and '.join(missing)} not: "
+                              "start the ranks with torchrun or accelerate launch (or unset the leftover variables)")
+        if "TORCHELASTIC_RUN_ID" not in os.environ and not dist.is_initialized():
+            sys.stderr.write(f"lofit-train: rank {os.environ.get('RANK')} of {os.environ.get('WORLD_SIZE')} waits for "
+                             f"the others at {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} (not started by "
+                             f"torchrun: unset WORLD_SIZE and RANK for a single process)\n")
+            sys.stderr.flush()
         if not dist.is_initialized():
             dist.init_process_group("nccl" if kind == "cuda" else "gloo",
                                     timeout=timedelta(minutes=timeout_minutes))
@@ -197,7 +207,7 @@ class Distributed:
                 result = fn()
             except BaseException as exc:  # noqa: BLE001 - re-raised below, after the others have heard
                 error = exc
-                failure = [f"{type(exc).__name__}: {exc}"]
+                failure = [str(exc) or type(exc).__name__]
         dist.broadcast_object_list(failure, src=0)
         if error is not None:
             raise error

@@ -6,21 +6,24 @@ rank 0 alone writes the adapter, its picture and its report, and the others lear
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from lofit.adapter import REPORT_FILE, LofitAdapter, load_adapter
 from lofit.heads import identity_from_checkpoint, layout_from_config
-from lofit.hf import load_model, pad_token_id, seed_everything
+from lofit.hf import ModelLoadError, load_model, pad_token_id, require_checkpoint, seed_everything
 from lofit.intervene import apply_adapters
 from lofit.picture import heads_png
 from lofit.tasks import TaskData, load_task
 from lofit.train.config import ConfigError, TrainConfig
 from lofit.train.data import encode_examples
-from lofit.train.distributed import Distributed, local_parameter_bytes, resolve_mode
+from lofit.train.distributed import Distributed, launched_world_size, local_parameter_bytes, resolve_mode
 from lofit.train.objective import Objective
 from lofit.train.stage1 import random_selection, select_heads, selection_from_adapter
 from lofit.train.stage2 import tune_offsets
@@ -84,21 +87,45 @@ def _load(cfg: TrainConfig, dist: Distributed):
         device = dist.device
     if dist.mode != "fsdp":
         full_bytes = local_parameter_bytes(model)
+    model.config.use_cache = False  # training never reuses a KV cache
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     placement = {"mode": dist.mode, "world_size": dist.world_size, "device": str(device),
                  "device_map": None if cfg.device_map is None else
-                 {k: str(v) for k, v in getattr(model, "hf_device_map", {}).items()},
+                 {k: str(v) for k, v in (getattr(model, "hf_device_map", None) or {}).items()},
                  "mixed_precision": cfg.mixed_precision, "gradient_checkpointing": cfg.gradient_checkpointing,
                  "base_parameter_bytes": full_bytes,
                  "base_parameter_bytes_per_rank": [int(b) for b in dist.gather_float(local_parameter_bytes(model))]}
     return tokenizer, model, device, placement
 
 
-def _check_writable(out: Path) -> None:
-    """Fail before training, not after it, when ``--out`` cannot be written (raises :class:`ConfigError`)."""
+def _identity(model_dir: str):
+    """The base model's identity from its checkpoint files; raises :class:`ModelLoadError` for broken weights."""
+    from safetensors import SafetensorError
+
+    require_checkpoint(model_dir)
+    try:
+        return identity_from_checkpoint(model_dir, name=Path(model_dir).resolve().name)
+    except (SafetensorError, OSError) as exc:
+        if isinstance(exc, FileNotFoundError):
+            raise
+        raise ModelLoadError(f"--model {model_dir}: cannot read the checkpoint's weights: {exc}") from exc
+
+
+def _check_out(cfg: TrainConfig) -> None:
+    """Fail before training, not after it, when ``--out`` cannot be written or would replace something that is
+    not an adapter: a folder with other files, the model, the data (raises :class:`ConfigError`)."""
+    out = Path(cfg.out)
+    resolved = out.resolve()
+    for flag, value in (("--model", cfg.model), ("--data", cfg.data), ("--val-data", cfg.val_data),
+                        ("--heads-from", cfg.heads_from)):
+        if value is not None and (resolved == Path(value).resolve() or resolved in Path(value).resolve().parents):
+            raise ConfigError(f"--out {out}: would replace {flag} {value}; write the adapter somewhere else")
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out}: exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not (out / "adapter_config.json").is_file():
+        raise ConfigError(f"--out {out}: a folder that is not an adapter directory (no adapter_config.json); "
+                          "lofit-train replaces only adapters: choose a new path or empty it")
     blocker = next((p for p in out.resolve().parents if p.exists()), None)
     if blocker is not None and not blocker.is_dir():
         raise ConfigError(f"--out {out}: {blocker} is a file, not a directory")
@@ -116,12 +143,20 @@ def train_adapter(config: TrainConfig) -> Path | None:
     :class:`~lofit.train.distributed.RankFailed` on a rank whose rank 0 failed to write."""
     cfg = config.resolved()
     mode = resolve_mode(cfg.distributed)
-    if cfg.device_map is not None and mode != "none":
-        raise ConfigError(f"--device-map auto spreads one model over this node's devices; it cannot be combined "
-                          f"with --distributed {mode} (use fsdp to shard a model too large for one device)")
+    if cfg.device_map is not None:
+        if mode != "none":
+            how = f"--distributed {mode}" if cfg.distributed else f"a launcher of {launched_world_size()} processes"
+            raise ConfigError(f"--device-map auto runs one process over several GPUs; it cannot be combined with "
+                              f"{how} (to shard a model over ranks use --distributed fsdp alone)")
+        if not torch.cuda.is_available():
+            raise ConfigError("--device-map auto spreads the model over CUDA devices, and this torch sees none")
+    if not (cfg.progress and int(os.environ.get("RANK", "0")) == 0):
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     dist = Distributed.start(mode, cfg.device)
     try:
-        dist.on_main(lambda: _check_writable(Path(cfg.out)))
+        dist.on_main(lambda: _check_out(cfg))
         return _train(cfg, dist)
     finally:
         dist.close()
@@ -130,9 +165,10 @@ def train_adapter(config: TrainConfig) -> Path | None:
 def _train(cfg: TrainConfig, dist: Distributed) -> Path | None:
     started = time.perf_counter()
     task = _limit(load_task(cfg.task, cfg.data, cfg.val_data, cfg.fold, cfg.train_size, cfg.seed), cfg.limit)
+    identity = _identity(cfg.model)
+    source = load_adapter(cfg.heads_from, expect_base=identity) if cfg.heads_from else None  # before the model
     seed_everything(cfg.seed)
     tokenizer, model, device, placement = _load(cfg, dist)
-    identity = identity_from_checkpoint(cfg.model, name=Path(cfg.model).resolve().name)
     layout = layout_from_config(model.config)
     k = cfg.num_heads(layout.total_heads)
     train = encode_examples(tokenizer, task.train, cfg.max_prompt_len, cfg.max_len)
@@ -143,8 +179,7 @@ def _train(cfg: TrainConfig, dist: Distributed) -> Path | None:
                   max_grad_norm=cfg.max_grad_norm, init_std=cfg.init_std, progress=progress)
     load_seconds = time.perf_counter() - started
 
-    if cfg.heads_from:
-        source = load_adapter(cfg.heads_from, expect_base=identity)
+    if source is not None:
         selection = selection_from_adapter(source, layout)
         if k > len(selection.ranking):
             raise ConfigError(f"--heads-from {cfg.heads_from} ranks only {len(selection.ranking)} heads; "
@@ -205,7 +240,10 @@ def _train(cfg: TrainConfig, dist: Distributed) -> Path | None:
                  f"top {k} of {layout.total_heads} heads by stage-1 ||A||")
         picture = heads_png(selection.scores, heads, layout.num_layers, layout.num_heads,
                             f"{name} ({task.name}): {title}")
-        return adapter.save(cfg.out, extra_files={"heads.png": picture,
-                                                  REPORT_FILE: (json.dumps(report, indent=2) + "\n").encode()})
+        try:
+            return adapter.save(cfg.out, extra_files={"heads.png": picture,
+                                                      REPORT_FILE: (json.dumps(report, indent=2) + "\n").encode()})
+        except OSError as exc:
+            raise OSError(exc.errno, f"cannot write the adapter to {cfg.out}: {exc.strerror or exc}") from exc
 
     return dist.on_main(write)

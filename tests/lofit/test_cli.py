@@ -97,19 +97,63 @@ def test_cli_sft_jsonl_with_a_config_file(stories_dir, tmp_path):
      "exceeds the model's 40 heads"),
     (["--task", "clutrr", "--heads", "2", "--out", "X"], "non-commercial"),
     (["--task", "sft-jsonl", "--heads", "2", "--out", "X"], "needs --data"),
-    (["--task", "truthfulqa", "--heads", "2", "--out", "X", "--lr-v", "-1"], "lr_v must be a positive"),
+    (["--task", "truthfulqa", "--heads", "2", "--out", "X", "--lr-v", "-1"], "--lr-v must be a positive"),
     (["--task", "mquake", "--heads", "2", "--out", "X", "--fold", "1"], "--fold is only for tasks with folds"),
     (["--task", "truthfulqa", "--heads", "2", "--out", "X", "--val-data", "v.jsonl"],
      "--val-data is only for the jsonl tasks"),
     (["--task", "arc", "--heads", "2", "--out", "X", "--limit", "0"], "--limit must be at least 1"),
     (["--task", "arc", "--heads", "2", "--out", "X", "--limit", "-1"], "--limit must be at least 1"),
     (["--task", "sft-jsonl", "--heads", "2", "--out", "X", "--data", "."], "is a directory; a data file is needed"),
+    (["--task", "truthfulqa", "--heads", "2", "--out", "X", "--epochs", "0"], "--epochs must be at least 1"),
+    (["--task", "truthfulqa", "--heads", "2", "--out", "X", "--device", "mps"], "runs on cpu, cuda or cuda:N"),
+    (["--task", "truthfulqa", "--heads", "2", "--out", "."], "give the path of the adapter directory"),
+    (["--task", "truthfulqa", "--heads", "2", "--out", "X", "--heads-from", "nowhere"],
+     "nowhere: adapter directory not found"),
 ])
 def test_cli_bad_input_gets_a_clear_error(stories_dir, tmp_path, capsys, args, message):
     args = [a.replace("X", str(tmp_path / "x")) for a in args]
     assert main(["--model", str(stories_dir), *args, "--no-progress"]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "x").exists(), "nothing is written on error"
+
+
+def test_cli_never_replaces_what_is_not_an_adapter(stories_dir, tmp_path, capsys):
+    """--out on a folder of other files, on the model or around the data: refused before training, all kept."""
+    keep = tmp_path / "results"
+    keep.mkdir()
+    (keep / "notes.txt").write_text("mine")
+    data = keep / "train.jsonl"
+    data.write_text(json.dumps({"prompt": "Once", "completion": " upon"}) + "\n")
+    run = ["--model", str(stories_dir), "--heads", "2", "--no-progress", "--epochs", "1"]
+    assert main([*run, "--task", "truthfulqa", "--limit", "2", "--out", str(keep)]) == 2
+    assert "not an adapter directory" in capsys.readouterr().err
+    assert main([*run, "--task", "truthfulqa", "--limit", "2", "--out", str(stories_dir)]) == 2
+    assert f"would replace --model {stories_dir}" in capsys.readouterr().err
+    assert main([*run, "--task", "sft-jsonl", "--data", str(data), "--out", str(keep)]) == 2
+    assert "would replace --data" in capsys.readouterr().err
+    assert sorted(p.name for p in keep.iterdir()) == ["notes.txt", "train.jsonl"]
+    assert (stories_dir / "model.safetensors").is_file()
+
+
+def test_cli_data_and_weights_that_cannot_be_read(stories_dir, tmp_path, capsys):
+    binary = tmp_path / "bin.jsonl"
+    binary.write_bytes(b"\xff\xfe\x00 not text")
+    assert main(["--model", str(stories_dir), "--task", "sft-jsonl", "--data", str(binary), "--heads", "2",
+                 "--out", str(tmp_path / "x")]) == 2
+    assert f"{binary}: not UTF-8 text" in capsys.readouterr().err
+    same = tmp_path / "same.jsonl"
+    same.write_text(json.dumps({"prompt": "Q", "chosen": "A", "rejected": "A"}) + "\n")
+    assert main(["--model", str(stories_dir), "--task", "dpo-jsonl", "--data", str(same), "--heads", "2",
+                 "--out", str(tmp_path / "x")]) == 2
+    assert f"{same}:1: chosen and rejected are the same answer" in capsys.readouterr().err
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for file in stories_dir.iterdir():
+        (broken / file.name).write_bytes(file.read_bytes()[:100] if file.name == "model.safetensors"
+                                         else file.read_bytes())
+    assert main(["--model", str(broken), "--task", "truthfulqa", "--heads", "2", "--out", str(tmp_path / "x")]) == 2
+    assert f"--model {broken}: cannot read the checkpoint's weights" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
 
 
 def test_cli_model_that_is_not_a_checkpoint(tmp_path, capsys):
