@@ -19,8 +19,14 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from lofit.train.config import ConfigError
 from lofit.train.data import Encoded
 from lofit.train.objective import Objective
+
+
+class TrainingDiverged(ConfigError):
+    """The LoFiT parameters stopped being finite (a learning rate far too large, as a rule): a setting to change,
+    reported like a bad flag."""
 
 
 @dataclass
@@ -39,11 +45,12 @@ class StageHistory:
 def optimise(params: list[torch.nn.Parameter], objective: Objective, train: list[tuple[Encoded, ...]],
              val: list[tuple[Encoded, ...]], *, lr: float, epochs: int, batch_size: int, grad_accum: int,
              max_grad_norm: float, seed: int, penalty: Callable[[], torch.Tensor] | None = None,
-             desc: str = "train", progress: bool = True) -> StageHistory:
+             desc: str = "train", progress: bool = True, lr_flag: str = "the learning rate") -> StageHistory:
     """Train ``params`` (LoFiT parameters already attached to ``objective.model``) on ``train``.
 
     ``penalty()`` (stage 1's ``λ·Σ|A|``) is added once per optimiser step. Returns the stage's history; the
-    progress bar shows on rank 0 only."""
+    progress bar shows on rank 0 only. Raises :class:`TrainingDiverged` (naming ``lr_flag``) as soon as a step
+    leaves a parameter that is not finite, or overflows the optimiser."""
     dist = objective.dist
     history = StageHistory()
     started = time.perf_counter()
@@ -78,7 +85,17 @@ def optimise(params: list[torch.nn.Parameter], objective: Objective, train: list
                 record["l1_penalty"] = reg.item()
             record["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, max_grad_norm).item()
             record["lr"] = schedule.get_last_lr()[0]
-            optimizer.step()
+            try:
+                optimizer.step()
+            except RuntimeError as exc:
+                if "overflow" not in str(exc):
+                    raise
+                raise TrainingDiverged(f"{desc}: the optimiser step overflowed at step {step + 1} ({lr_flag} {lr:g} "
+                                       "is far too large); nothing was written") from None
+            if not all(bool(torch.isfinite(p).all()) for p in params):
+                raise TrainingDiverged(f"{desc}: the LoFiT parameters stopped being finite at step {step + 1} "
+                                       f"(loss {task_loss:g}, gradient norm {record['grad_norm']:g}); lower "
+                                       f"{lr_flag} (now {lr:g}); nothing was written")
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1

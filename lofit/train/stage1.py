@@ -54,7 +54,7 @@ def select_heads(objective: Objective, layout: HeadLayout, train: list[tuple[Enc
         history = optimise(lofit.trainable(), objective, train, val, lr=lr, epochs=epochs, batch_size=batch_size,
                            grad_accum=grad_accum, max_grad_norm=max_grad_norm, seed=seed,
                            penalty=lambda: l1 * lofit.scales.abs().sum(), desc="stage 1: select heads",
-                           progress=progress)
+                           progress=progress, lr_flag="--lr-a")
     objective.dist.check_same(lofit.trainable())
     learned = lofit.scales.detach().float().cpu()
     scores = learned.norm(dim=-1)

@@ -41,7 +41,7 @@ def tune_offsets(objective: Objective, layout: HeadLayout, heads: list[tuple[int
         val_before = objective.evaluate(val, batch_size) if val else None
         history = optimise(lofit.trainable(), objective, train, val, lr=lr, epochs=epochs, batch_size=batch_size,
                            grad_accum=grad_accum, max_grad_norm=max_grad_norm, seed=seed,
-                           desc="stage 2: tune offsets", progress=progress)
+                           desc="stage 2: tune offsets", progress=progress, lr_flag="--lr-v")
         val_after = objective.evaluate(val, batch_size) if val else None
     objective.dist.check_same(lofit.trainable())
     return TunedOffsets(head_index, lofit.offsets.detach().float().cpu(), val_before, val_after, history)

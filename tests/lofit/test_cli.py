@@ -105,6 +105,8 @@ def test_cli_sft_jsonl_with_a_config_file(stories_dir, tmp_path):
     (["--task", "arc", "--heads", "2", "--out", "X", "--limit", "-1"], "--limit must be at least 1"),
     (["--task", "sft-jsonl", "--heads", "2", "--out", "X", "--data", "."], "is a directory; a data file is needed"),
     (["--task", "truthfulqa", "--heads", "2", "--out", "X", "--epochs", "0"], "--epochs must be at least 1"),
+    (["--task", "truthfulqa", "--heads", "2", "--out", "X", "--epochs", "1", "--limit", "4", "--lr-v", "1e38"],
+     "stage 2: tune offsets: the optimiser step overflowed at step 1 (--lr-v 1e+38 is far too large)"),
     (["--task", "truthfulqa", "--heads", "2", "--out", "X", "--device", "mps"], "runs on cpu, cuda or cuda:N"),
     (["--task", "truthfulqa", "--heads", "2", "--out", "."], "give the path of the adapter directory"),
     (["--task", "truthfulqa", "--heads", "2", "--out", "X", "--heads-from", "nowhere"],

@@ -175,3 +175,16 @@ def test_linear_decay_without_warmup_and_gradient_accumulation(stories_model, st
     # 8 examples / batch 2 = 4 micro-batches = 2 optimiser steps per epoch, 4 in all.
     assert [round(step["lr"], 6) for step in tuned.history.steps] == [0.1, 0.075, 0.05, 0.025]
     assert tuned.val_before is None and tuned.val_after is None
+
+
+def test_parameters_that_stop_being_finite_end_the_stage_with_a_clear_error(stories_model, stories_tokenizer):
+    from lofit.train.loop import TrainingDiverged
+
+    examples = [SFTExample(start, " the end") for start in STARTS[:4]]
+    train = encode_examples(stories_tokenizer, examples, 128, 64)
+    stories_model.model.layers[4].self_attn.o_proj.weight[0, 0] = float("nan")  # the loss turns NaN
+    objective = Objective(stories_model, "sft", pad_token_id(stories_tokenizer), 0.5, "cpu")
+    with pytest.raises(TrainingDiverged, match=r"stage 2: tune offsets: the LoFiT parameters stopped being finite "
+                                               r"at step 1 \(loss nan.*lower --lr-v \(now 0.01\)"):
+        tune_offsets(objective, LofitHooks(stories_model).layout, [(1, 1)], train, [], lr=1e-2, epochs=1,
+                     init_std=1e-3, seed=0, batch_size=4, grad_accum=1, max_grad_norm=1.0, progress=False)
