@@ -31,8 +31,8 @@ _SFT_DEFAULTS = {"lr_a": 5e-3, "l1": 1e-3, "lr_v": 1e-2}
 
 # Each ``train`` is called as train(data=, val_data=, fold=, train_size=, seed=) with lofit-train's settings;
 # these adapters pass each loader the settings it uses.
-def _truthfulqa_train(data=None, val_data=None, fold=0, train_size=None, seed=42) -> TaskData:
-    return truthfulqa.load_truthfulqa(fold, data)
+def _truthfulqa_train(data=None, val_data=None, fold=0, train_size=None, seed=42, pairs="first") -> TaskData:
+    return truthfulqa.load_truthfulqa(fold, data, pairs)
 
 
 def _mquake_train(data=None, val_data=None, fold=0, train_size=None, seed=42) -> TaskData:
@@ -91,8 +91,8 @@ TRAIN_TASKS = tuple(name for name, task in TASKS.items() if task.train is not No
 EVAL_TASKS = tuple(name for name, task in TASKS.items() if task.eval is not None)
 PROBE_TASKS = tuple(name for name, task in TASKS.items() if task.probe_texts is not None)
 
-__all__ = ["EVAL_TASKS", "PROBE_TASKS", "TASKS", "TRAIN_TASKS", "EvalSpec", "PreferencePair", "ProbeTexts",
-           "SFTExample", "Task", "TaskData", "TaskError", "get_task", "load_task"]
+__all__ = ["EVAL_TASKS", "PAIRS_TASKS", "PROBE_TASKS", "TASKS", "TRAIN_TASKS", "EvalSpec", "PreferencePair",
+           "ProbeTexts", "SFTExample", "Task", "TaskData", "TaskError", "get_task", "load_task"]
 
 
 def get_task(name: str, part: str | None = None) -> Task:
@@ -108,10 +108,19 @@ def get_task(name: str, part: str | None = None) -> Task:
     return task
 
 
+PAIRS_TASKS = ("truthfulqa",)  # tasks with several incorrect answers per question: lofit-train --pairs all
+
+
 def load_task(name: str, data: str | Path | None = None, val_data: str | Path | None = None,
-              fold: int = 0, train_size: int | None = None, seed: int = 42) -> TaskData:
-    """The training data of a built-in task; ``data`` is required for clutrr and the jsonl tasks.
+              fold: int = 0, train_size: int | None = None, seed: int = 42, pairs: str = "first") -> TaskData:
+    """The training data of a built-in task; ``data`` is required for clutrr and the jsonl tasks; ``pairs="all"``
+    (TruthfulQA only) pairs the best answer with every incorrect one.
 
     Raises :class:`TaskError` for an unknown task or data that cannot be loaded.
     """
-    return get_task(name, "train").train(data=data, val_data=val_data, fold=fold, train_size=train_size, seed=seed)
+    options = {} if pairs == "first" else {"pairs": pairs}
+    if options and name not in PAIRS_TASKS:
+        raise TaskError(f"--pairs {pairs}: only {', '.join(PAIRS_TASKS)} has several incorrect answers to pair; "
+                        f"{name}'s pairs are as its data gives them")
+    return get_task(name, "train").train(data=data, val_data=val_data, fold=fold, train_size=train_size, seed=seed,
+                                         **options)

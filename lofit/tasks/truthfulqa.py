@@ -75,21 +75,35 @@ def read_items(path: Path) -> list[TruthfulQAItem]:
     return items
 
 
+PAIRS = ("first", "all")
+
+
 def to_pair(item: TruthfulQAItem) -> PreferencePair:
     """The DPO pair of one question: best answer over the first incorrect one (``lofit-method.md`` §8.1)."""
     return PreferencePair(f"Q: {item.question} A:", item.best_answer, item.incorrect_answers[0])
 
 
-def load_truthfulqa(fold: int = 0, data_dir: str | Path | None = None) -> TaskData:
-    """The DPO pairs of the train and val splits of ``fold``."""
+def to_pairs(item: TruthfulQAItem, pairs: str = "first") -> list[PreferencePair]:
+    """The DPO pairs of one question: ``first`` is :func:`to_pair` (the paper's); ``all`` pairs the best answer
+    with every distinct incorrect answer, in the file's order (a deviation, ``lofit-train --pairs all``)."""
+    if pairs == "first":
+        return [to_pair(item)]
+    if pairs != "all":
+        raise TaskError(f"pairs must be one of {', '.join(PAIRS)}, not {pairs!r}")
+    distinct = list(dict.fromkeys(a for a in item.incorrect_answers if a != item.best_answer))
+    return [PreferencePair(f"Q: {item.question} A:", item.best_answer, wrong) for wrong in distinct]
+
+
+def load_truthfulqa(fold: int = 0, data_dir: str | Path | None = None, pairs: str = "first") -> TaskData:
+    """The DPO pairs of the train and val splits of ``fold`` (``pairs``: see :func:`to_pairs`)."""
     paths = {split: fold_file(fold, split, data_dir) for split in ("train", "val")}
     items = {split: read_items(path) for split, path in paths.items()}
     return TaskData(
         name="truthfulqa", loss="dpo",
-        train=[to_pair(item) for item in items["train"]],
-        val=[to_pair(item) for item in items["val"]],
+        train=[pair for item in items["train"] for pair in to_pairs(item, pairs)],
+        val=[pair for item in items["val"] for pair in to_pairs(item, pairs)],
         sources=[file_identity(paths[s], len(items[s])) for s in ("train", "val")],
-        options={"fold": fold},
+        options={"fold": fold, **({"pairs": pairs} if pairs != "first" else {})},
     )
 
 

@@ -45,6 +45,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--random-heads", action="store_true", default=None,
                    help="skip stage 1: tune offsets on K heads drawn uniformly at random with --seed "
                         "(the localisation ablation)")
+    p.add_argument("--search", nargs="+", metavar="KEY=V1,V2",
+                   help="search a grid on the validation split and write the best candidate: keys lr_a, l1, "
+                        "epochs_a, beta, init_std (these re-run stage 1), lr_v, epochs_v, heads, heads_percent "
+                        "(these reuse its ranking); scored by the task's metric (TruthfulQA MC1, MQuAKE/CLUTRR "
+                        "exact match, else the validation loss); writes search_report.json and search.png too")
+    p.add_argument("--search-budget", type=int, help="at most N candidates: a seeded sample of a larger grid")
+    p.add_argument("--pairs", choices=("first", "all"),
+                   help="TruthfulQA DPO pairs per question: first incorrect answer (the paper's) or all of them "
+                        "(a deviation) [first]")
+    p.add_argument("--select-epoch", choices=("last", "best"),
+                   help="stage 2 keeps the last epoch (the paper's) or the one with the best validation metric "
+                        "(a deviation; scores every epoch) [last]")
     p.add_argument("--fold", type=int, help="TruthfulQA fold (0 or 1) [0]")
     p.add_argument("--train-size", type=int, help="subsample the training set (CLUTRR default 300)")
     p.add_argument("--seed", type=int, help="seed for torch, numpy, random and data order [42]")

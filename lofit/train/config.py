@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from lofit.heads import check_head_count, choose_k
-from lofit.tasks import TASKS, TRAIN_TASKS
+from lofit.tasks import PAIRS_TASKS, TASKS, TRAIN_TASKS
 
 
 class ConfigError(ValueError):
@@ -61,6 +61,10 @@ class TrainConfig:
     device_map: str | None = None  # "auto": spread one model over this node's GPUs (transformers/accelerate)
     mixed_precision: str | None = None  # no | bf16; None: accelerate launch's setting, else no
     gradient_checkpointing: bool = False
+    pairs: str = "first"  # DPO pairs per TruthfulQA question: first (the paper's) or all (a deviation)
+    select_epoch: str = "last"  # stage-2 epoch kept: last (the paper's) or best (on the validation metric)
+    search: dict[str, list] | None = None  # a grid of settings to search on the validation split
+    search_budget: int | None = None  # at most this many candidates (a seeded sample of the grid)
     limit: int | None = None
     mc_eval: bool = True
     progress: bool = True
@@ -98,6 +102,17 @@ class TrainConfig:
         if out.device_map not in (None, "auto"):
             raise ConfigError("--device-map takes only auto (spread the model over this node's GPUs)")
         check_device(out.device)
+        if out.pairs not in ("first", "all"):
+            raise ConfigError("--pairs must be first or all")
+        if out.pairs == "all" and self.task not in PAIRS_TASKS:
+            raise ConfigError(f"--pairs all: only {', '.join(PAIRS_TASKS)} has several incorrect answers to pair; "
+                              f"{self.task}'s pairs are as its data gives them")
+        if out.select_epoch not in ("last", "best"):
+            raise ConfigError("--select-epoch must be last or best")
+        if out.search_budget is not None and out.search_budget < 1:
+            raise ConfigError("--search-budget must be at least 1")
+        if out.search_budget is not None and not out.search:
+            raise ConfigError("--search-budget bounds a --search; give the grid too")
         name = Path(out.out).name
         if name in ("", ".", ".."):
             raise ConfigError(f"--out {out.out!r}: give the path of the adapter directory to write, e.g. "
@@ -135,7 +150,7 @@ class TrainConfig:
     def hyperparameters(self) -> dict[str, Any]:
         """What the adapter records (paths and switches that do not change the result left out)."""
         skip = {"model", "out", "data", "val_data", "name", "progress", "device", "heads_from", "distributed",
-                "device_map", "gradient_checkpointing"}
+                "device_map", "gradient_checkpointing", "search", "search_budget"}
         return {k: v for k, v in asdict(self).items() if k not in skip}
 
     @classmethod

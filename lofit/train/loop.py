@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from lofit.train.config import ConfigError
 from lofit.train.data import Encoded
 from lofit.train.objective import Objective
+from lofit.train.validation import Score, best_index
 
 
 class TrainingDiverged(ConfigError):
@@ -36,21 +37,28 @@ class StageHistory:
     steps: list[dict[str, float]] = field(default_factory=list)
     epochs: list[dict[str, float]] = field(default_factory=list)
     seconds: float = 0.0
+    kept_epoch: int | None = None  # 1-based epoch whose parameters were kept (``--select-epoch best``)
 
     def as_dict(self) -> dict:
         """The history as ``train_report.json`` records it (seconds rounded to ms)."""
-        return {"steps": self.steps, "epochs": self.epochs, "seconds": round(self.seconds, 3)}
+        out = {"steps": self.steps, "epochs": self.epochs, "seconds": round(self.seconds, 3)}
+        if self.kept_epoch is not None:
+            out["kept_epoch"] = self.kept_epoch
+        return out
 
 
 def optimise(params: list[torch.nn.Parameter], objective: Objective, train: list[tuple[Encoded, ...]],
              val: list[tuple[Encoded, ...]], *, lr: float, epochs: int, batch_size: int, grad_accum: int,
              max_grad_norm: float, seed: int, penalty: Callable[[], torch.Tensor] | None = None,
-             desc: str = "train", progress: bool = True, lr_flag: str = "the learning rate") -> StageHistory:
+             desc: str = "train", progress: bool = True, lr_flag: str = "the learning rate",
+             epoch_score: Callable[[], Score] | None = None) -> StageHistory:
     """Train ``params`` (LoFiT parameters already attached to ``objective.model``) on ``train``.
 
     ``penalty()`` (stage 1's ``λ·Σ|A|``) is added once per optimiser step. Returns the stage's history; the
     progress bar shows on rank 0 only. Raises :class:`TrainingDiverged` (naming ``lr_flag``) as soon as a step
-    leaves a parameter that is not finite, or overflows the optimiser."""
+    leaves a parameter that is not finite, or overflows the optimiser. With ``epoch_score`` (the validation
+    metric of the model as steered at the end of an epoch) the parameters of the best epoch are kept instead of
+    the last (:func:`~lofit.train.validation.best_index`), and ``history.kept_epoch`` says which."""
     dist = objective.dist
     history = StageHistory()
     started = time.perf_counter()
@@ -63,6 +71,8 @@ def optimise(params: list[torch.nn.Parameter], objective: Objective, train: list
     objective.model.train()
     bar = tqdm(total=total_steps, desc=desc, disable=not (progress and dist.is_main), dynamic_ncols=True)
     step = 0
+    scores: list[Score] = []
+    kept: list[torch.Tensor] = []
     for epoch in range(epochs):
         order = torch.randperm(len(train), generator=generator).tolist()
         chunks = objective.chunks(order, batch_size)
@@ -109,7 +119,18 @@ def optimise(params: list[torch.nn.Parameter], objective: Objective, train: list
                    "seconds": round(time.perf_counter() - started, 3)}
         if result is not None:
             summary.update({f"val_{k}": v for k, v in result.as_dict().items()})
+        if epoch_score is not None:
+            scored = epoch_score()
+            scores.append(scored)
+            summary[f"val_metric_{scored.metric}"] = scored.value
+            if best_index(scores, prefer="last") == len(scores) - 1:
+                kept = [p.detach().clone() for p in params]
         history.epochs.append(summary)
     bar.close()
+    if epoch_score is not None:
+        history.kept_epoch = best_index(scores, prefer="last") + 1
+        with torch.no_grad():
+            for p, value in zip(params, kept, strict=True):
+                p.copy_(value)
     history.seconds = time.perf_counter() - started
     return history

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from lofit.adapter import REPORT_FILE, LofitAdapter, load_adapter
 from lofit.heads import identity_from_checkpoint, layout_from_config
@@ -25,8 +26,10 @@ from lofit.train.config import ConfigError, TrainConfig
 from lofit.train.data import encode_examples
 from lofit.train.distributed import Distributed, launched_world_size, local_parameter_bytes, resolve_mode
 from lofit.train.objective import Objective
-from lofit.train.stage1 import random_selection, select_heads, selection_from_adapter
+from lofit.train.search import CandidateResult, candidates, parse_grid, search_png, stage1_key
+from lofit.train.stage1 import HeadSelection, random_selection, select_heads, selection_from_adapter
 from lofit.train.stage2 import tune_offsets
+from lofit.train.validation import Score, ValidationScorer, best_index
 
 
 def _truthfulqa_mc(model, tokenizer, adapter: LofitAdapter, fold: int, limit: int | None,
@@ -162,39 +165,87 @@ def train_adapter(config: TrainConfig) -> Path | None:
         dist.close()
 
 
+def _select(cfg: TrainConfig, how: str, source: LofitAdapter | None, objective: Objective, layout, train, val,
+            k: int, progress: bool) -> HeadSelection:
+    """The head ranking of one run: recorded in ``--heads-from``, drawn at random, or stage 1."""
+    if how == "reused":
+        selection = selection_from_adapter(source, layout)
+        if k > len(selection.ranking):
+            raise ConfigError(f"--heads-from {cfg.heads_from} ranks only {len(selection.ranking)} heads; "
+                              f"K = {k} needs more")
+        return selection
+    if how == "random":
+        return random_selection(layout, k, cfg.seed)
+    seed_everything(cfg.seed)
+    return select_heads(objective, layout, train, val, lr=cfg.lr_a, l1=cfg.l1, epochs=cfg.epochs_a, seed=cfg.seed,
+                        batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, max_grad_norm=cfg.max_grad_norm,
+                        init_std=cfg.init_std, progress=progress)
+
+
 def _train(cfg: TrainConfig, dist: Distributed) -> Path | None:
     started = time.perf_counter()
-    task = _limit(load_task(cfg.task, cfg.data, cfg.val_data, cfg.fold, cfg.train_size, cfg.seed), cfg.limit)
+    grid = parse_grid(cfg.search) if cfg.search else None
+    runs, grid_size = candidates(cfg, grid, cfg.search_budget) if grid else ([cfg], 1)
+    task = _limit(load_task(cfg.task, cfg.data, cfg.val_data, cfg.fold, cfg.train_size, cfg.seed, cfg.pairs),
+                  cfg.limit)
     identity = _identity(cfg.model)
     source = load_adapter(cfg.heads_from, expect_base=identity) if cfg.heads_from else None  # before the model
     seed_everything(cfg.seed)
     tokenizer, model, device, placement = _load(cfg, dist)
     layout = layout_from_config(model.config)
-    k = cfg.num_heads(layout.total_heads)
+    sizes = [run.num_heads(layout.total_heads) for run in runs]  # every K checked before any training
     train = encode_examples(tokenizer, task.train, cfg.max_prompt_len, cfg.max_len)
     val = encode_examples(tokenizer, task.val, cfg.max_prompt_len, cfg.max_len)
     objective = Objective(model, task.loss, pad_token_id(tokenizer), cfg.beta, device, dist, cfg.mixed_precision)
     progress = cfg.progress and dist.is_main
-    common = dict(seed=cfg.seed, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
-                  max_grad_norm=cfg.max_grad_norm, init_std=cfg.init_std, progress=progress)
+    scorer = ValidationScorer(cfg, model, tokenizer, objective, val, False) \
+        if grid or any(run.select_epoch == "best" for run in runs) else None
     load_seconds = time.perf_counter() - started
+    how = "reused" if source is not None else "random" if cfg.random_heads else "stage1"
 
-    if source is not None:
-        selection = selection_from_adapter(source, layout)
-        if k > len(selection.ranking):
-            raise ConfigError(f"--heads-from {cfg.heads_from} ranks only {len(selection.ranking)} heads; "
-                              f"K = {k} needs more")
-        reused = {"adapter": source.name, "task": source.task, "content_sha256": source.content_sha256}
-        how = "reused"
-    elif cfg.random_heads:
-        selection, reused, how = random_selection(layout, k, cfg.seed), None, "random"
-    else:
-        selection = select_heads(objective, layout, train, val, lr=cfg.lr_a, l1=cfg.l1, epochs=cfg.epochs_a,
-                                 **common)
-        reused, how = None, "stage1"
-    seed_everything(cfg.seed)  # stage 2 starts afresh, as the reference's second process does
-    tuned = tune_offsets(objective, layout, selection.top(k), train, val, lr=cfg.lr_v, epochs=cfg.epochs_v,
-                         **common)
+    selections: dict[tuple, tuple[int, HeadSelection]] = {}
+    finished, results = [], []
+    bar = tqdm(total=len(runs), desc="search: candidates", disable=not (progress and grid), dynamic_ncols=True)
+    for run, k in zip(runs, sizes, strict=True):
+        run_started = time.perf_counter()
+        key = stage1_key(run, k, how)
+        shared = key in selections
+        objective.beta = run.beta
+        if not shared:
+            selection = _select(run, how, source, objective, layout, train, val, k, progress and not grid)
+            selections[key] = (len(selections), selection)
+        stage1_index, selection = selections[key]
+        seed_everything(run.seed)  # stage 2 starts afresh, as the reference's second process does
+        tuned = tune_offsets(objective, layout, selection.top(k), train, val, lr=run.lr_v, epochs=run.epochs_v,
+                             init_std=run.init_std, seed=run.seed, batch_size=run.batch_size,
+                             grad_accum=run.grad_accum, max_grad_norm=run.max_grad_norm,
+                             progress=progress and not grid,
+                             epoch_score=scorer.score if run.select_epoch == "best" else None)
+        finished.append((run, k, selection, tuned))
+        if grid:
+            candidate = LofitAdapter(heads=tuned.heads, offsets=tuned.offsets, base_model=identity, name="candidate")
+            with apply_adapters(model, candidate, check_fingerprint=False):
+                score = scorer.score()
+            settings = {key_: getattr(run, key_) for key_ in grid}
+            results.append(CandidateResult(settings=settings, k=k, heads=tuned.heads.tolist(),
+                                           score=score.as_dict(), stage1_run=stage1_index, stage1_reused=shared,
+                                           seconds=round(time.perf_counter() - run_started, 3),
+                                           kept_epoch=tuned.history.kept_epoch))
+            bar.update(1)
+            bar.set_postfix({score.metric: f"{score.value:.4f}"})
+    bar.close()
+    winner = best_index([Score(**r.score) for r in results]) if grid else 0
+    budget = cfg.search_budget
+    cfg, k, selection, tuned = finished[winner]
+    reused = None if source is None else {"adapter": source.name, "task": source.task,
+                                          "content_sha256": source.content_sha256}
+    search = None
+    if grid:
+        search = {"metric": scorer.metric, "split": "validation", "grid": grid, "grid_size": grid_size,
+                  "candidates": len(runs), "budget": budget, "stage1_runs": len(selections), "winner": winner,
+                  "winner_settings": results[winner].settings,
+                  "winner_score": results[winner].score,
+                  "seconds": round(time.perf_counter() - started, 3)}
 
     heads = [tuple(h) for h in tuned.heads.tolist()]
     # Stage-1 scales are only meaningful when this run's stage 1 produced them.
@@ -213,6 +264,7 @@ def _train(cfg: TrainConfig, dist: Distributed) -> Path | None:
         heads=tuned.heads, offsets=tuned.offsets, scales=scales, base_model=identity, name=name,
         task=task.name,
         metadata={"hyperparameters": hyperparameters, "data": task.identity(), "metrics": metrics,
+                  **({"search": search} if search else {}),
                   "selection": {"k": k, "percent_of_heads": round(100 * k / layout.total_heads, 2),
                                 "head_selection": how, "seed": cfg.seed,
                                 "ranking": [list(h) for h in selection.ranking],
@@ -234,6 +286,13 @@ def _train(cfg: TrainConfig, dist: Distributed) -> Path | None:
         "placement": placement,
         "config": asdict(cfg),
     }
+    extra: dict[str, bytes] = {}
+    if search:
+        search_report = {**search, "results": [r.as_dict() for r in results]}
+        extra["search_report.json"] = (json.dumps(search_report, indent=2) + "\n").encode()
+        extra["search.png"] = search_png(results, winner, scorer.metric,
+                                         f"{cfg.name or Path(cfg.out).name}: {len(runs)} candidates on validation "
+                                         f"{scorer.metric}")
 
     def write() -> Path:
         title = (f"{k} of {layout.total_heads} heads drawn at random (seed {cfg.seed})" if how == "random" else
@@ -241,7 +300,7 @@ def _train(cfg: TrainConfig, dist: Distributed) -> Path | None:
         picture = heads_png(selection.scores, heads, layout.num_layers, layout.num_heads,
                             f"{name} ({task.name}): {title}")
         try:
-            return adapter.save(cfg.out, extra_files={"heads.png": picture,
+            return adapter.save(cfg.out, extra_files={"heads.png": picture, **extra,
                                                       REPORT_FILE: (json.dumps(report, indent=2) + "\n").encode()})
         except OSError as exc:
             raise OSError(exc.errno, f"cannot write the adapter to {cfg.out}: {exc.strerror or exc}") from exc

@@ -1,0 +1,143 @@
+"""``lofit-train --search``: a small grid of settings, each candidate scored on the validation split.
+
+The paper tuned learning rates and K per task on validation data (Yin et al., 2024, §4 and appendix); this is
+that loop as a tool. A candidate is exactly the run ``lofit-train`` would make with its settings, except that
+stage 1 runs once per distinct stage-1 setting and its ranking is reused by every candidate that shares it
+(K, the stage-2 learning rate and epochs never change stage 1). Each candidate's adapter is scored with the
+task's metric on its validation split (:mod:`lofit.train.validation`); the best is written as the adapter, the
+whole grid as ``search_report.json`` and ``search.png`` beside it. The test split is never read.
+
+Grid syntax: ``--search lr_v=1e-2,5e-2 epochs_v=3,5 heads_percent=3,5`` on the command line, or
+``"search": {"lr_v": [0.01, 0.05], ...}`` in ``--config``. ``--search-budget N`` keeps a seeded sample of N
+candidates (grid order kept) when the grid is larger.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import random
+from dataclasses import dataclass, replace
+from typing import Any
+
+from lofit.train.config import ConfigError, TrainConfig
+
+# setting -> type; stage-1 settings change the ranking, the others only stage 2
+SEARCH_KEYS: dict[str, type] = {"lr_a": float, "l1": float, "epochs_a": int, "beta": float, "init_std": float,
+                                "lr_v": float, "epochs_v": int, "heads": int, "heads_percent": float}
+STAGE1_KEYS = ("lr_a", "l1", "epochs_a", "beta", "init_std")
+
+
+def parse_grid(specs: list[str] | dict[str, Any]) -> dict[str, list]:
+    """``["lr_v=1e-2,5e-2", "heads=8,16"]`` (or a config file's ``{"lr_v": [...]}``) as ``{key: [values]}``.
+
+    Raises :class:`ConfigError` for an unknown key, a value of the wrong type, an empty or repeated list, or both
+    ``heads`` and ``heads_percent``."""
+    if isinstance(specs, dict):
+        items = [(str(k), v if isinstance(v, list) else [v]) for k, v in specs.items()]
+    else:
+        items = []
+        for spec in specs:
+            key, sep, values = spec.partition("=")
+            if not sep or not values.strip():
+                raise ConfigError(f"--search {spec!r}: write KEY=V1,V2,... (keys: {', '.join(SEARCH_KEYS)})")
+            items.append((key.strip().replace("-", "_"), [v.strip() for v in values.split(",")]))
+    grid: dict[str, list] = {}
+    for key, values in items:
+        if key not in SEARCH_KEYS:
+            raise ConfigError(f"--search: {key!r} cannot be searched; searchable: {', '.join(SEARCH_KEYS)}")
+        if key in grid:
+            raise ConfigError(f"--search: {key} is given twice")
+        if not values:
+            raise ConfigError(f"--search: {key} has no values")
+        kind = SEARCH_KEYS[key]
+        typed = []
+        for value in values:
+            try:
+                number = float(value)
+                if kind is int and (not number.is_integer() or isinstance(value, bool)):
+                    raise ValueError
+                typed.append(kind(number))
+            except (TypeError, ValueError):
+                raise ConfigError(f"--search: {key}={value!r} is not {'an integer' if kind is int else 'a number'}")\
+                    from None
+        if len(set(typed)) != len(typed):
+            raise ConfigError(f"--search: {key} lists a value twice")
+        grid[key] = typed
+    if "heads" in grid and "heads_percent" in grid:
+        raise ConfigError("--search: give heads or heads_percent, not both")
+    if not grid:
+        raise ConfigError("--search needs at least one KEY=V1,V2,...")
+    return grid
+
+
+def candidates(cfg: TrainConfig, grid: dict[str, list], budget: int | None) -> tuple[list[TrainConfig], int]:
+    """Every grid point as a resolved config (a seeded sample of ``budget`` of them, in grid order), and the size
+    of the whole grid. Each is checked like a ``lofit-train`` run's flags (raises :class:`ConfigError`)."""
+    keys = list(grid)
+    points = [dict(zip(keys, values, strict=True)) for values in itertools.product(*(grid[k] for k in keys))]
+    total = len(points)
+    if budget is not None and budget < total:
+        keep = sorted(random.Random(cfg.seed).sample(range(total), budget))
+        points = [points[i] for i in keep]
+    out = []
+    for point in points:
+        heads = {"heads": point["heads"], "heads_percent": None} if "heads" in point else \
+            {"heads_percent": point["heads_percent"], "heads": None} if "heads_percent" in point else {}
+        settings = {k: v for k, v in point.items() if k not in ("heads", "heads_percent")}
+        try:
+            out.append(replace(cfg, **settings, **heads, search=None, search_budget=None).resolved())
+        except ConfigError as exc:
+            raise ConfigError(f"--search candidate {point}: {exc}") from None
+    return out, total
+
+
+def stage1_key(cfg: TrainConfig, k: int, how: str) -> tuple:
+    """What stage 1's result depends on: candidates with equal keys share one ranking."""
+    if how == "random":
+        return ("random", k, cfg.seed)
+    if how == "reused":
+        return ("reused",)
+    return ("stage1", *(getattr(cfg, name) for name in STAGE1_KEYS), cfg.seed)
+
+
+@dataclass
+class CandidateResult:
+    """One candidate: its settings (those the grid varied), K, heads, score and wall time."""
+
+    settings: dict[str, Any]
+    k: int
+    heads: list[list[int]]
+    score: dict[str, Any]
+    stage1_run: int  # index of the stage-1 run whose ranking it used
+    stage1_reused: bool
+    seconds: float
+    kept_epoch: int | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """As ``search_report.json`` lists it."""
+        return dict(vars(self))
+
+
+def search_png(results: list[CandidateResult], winner: int, metric: str, title: str) -> bytes:
+    """A point per candidate (its validation metric), the winner highlighted; PNG bytes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    values = [r.score["value"] for r in results]
+    labels = [", ".join(f"{k}={v:g}" for k, v in r.settings.items()) for r in results]
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.5 * len(results) + 2), 4.5))
+    ax.plot(range(len(results)), values, "o", color="tab:blue")
+    ax.plot([winner], [values[winner]], "o", color="tab:orange", markersize=11, label="winner")
+    ax.set_xticks(range(len(results)), labels, rotation=60, ha="right", fontsize=7)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_ylabel(f"validation {metric}")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    return buffer.getvalue()
