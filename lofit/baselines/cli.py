@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     iti.add_argument("--heads-percent", type=float, help="K as a percentage of all heads (3 in the LoFiT paper)")
     iti.add_argument("--alpha", type=float, default=DEFAULT_ALPHA,
                      help=f"intervention strength, in standard deviations along theta [{DEFAULT_ALPHA:g}]")
+    iti.add_argument("--search-alpha", metavar="A1,A2,...",
+                     help="choose alpha among these on the task's validation split (TruthfulQA MC1, MQuAKE exact "
+                          "match, else validation loss), as lofit-train --search chooses its settings")
     iti.add_argument("--seed", type=int, default=42,
                      help="seed of the 80/20 probe split of the items; for arc/boolq also of the held-out val rows, "
                           "as lofit-train --seed [42]")
@@ -64,17 +67,24 @@ def main(argv: list[str] | None = None) -> int:
         missing = [f"--{name}" for name in ("model", "out") if getattr(args, name) is None]
         if missing:
             raise BaselineError(f"missing required setting(s): {', '.join(missing)}")
+        alphas = None
+        if args.search_alpha is not None:
+            try:
+                alphas = [float(a) for a in args.search_alpha.split(",")]
+            except ValueError:
+                raise BaselineError(f"--search-alpha {args.search_alpha!r}: write numbers, e.g. 1,5,10,15") from None
         out = make_iti_adapter(args.model, args.out, task=args.task, fold=args.fold, heads=args.heads,
                                heads_percent=args.heads_percent, alpha=args.alpha, seed=args.seed,
                                limit=args.limit, name=args.name, batch_size=args.batch_size, dtype=args.dtype,
-                               device=args.device, progress=args.progress)
+                               device=args.device, progress=args.progress, search_alpha=alphas)
         adapter = load_adapter(out)
     except (BaselineError, ConfigError, TaskError, AdapterError, UnsupportedModelError, ModelLoadError,
             FileNotFoundError) as exc:
         print(f"lofit-baseline: error: {exc}", file=sys.stderr)
         return 2
     summary = {"adapter": str(out), "method": args.method, "heads": adapter.head_list(),
-               "content_sha256": adapter.content_sha256, "probe_accuracy": adapter.metadata.get("probe_accuracy")}
+               "content_sha256": adapter.content_sha256, "probe_accuracy": adapter.metadata.get("probe_accuracy"),
+               **({"alpha_search": adapter.metadata["alpha_search"]} if "alpha_search" in adapter.metadata else {})}
     print(json.dumps(summary, indent=2))
     return 0
 

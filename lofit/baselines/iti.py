@@ -219,13 +219,44 @@ def build_iti_adapter(probes: HeadProbes, k: int, alpha: float, identity: BaseMo
                   "selection": selection, **metadata})
 
 
+def choose_alpha(model, tokenizer, probes: HeadProbes, k: int, alphas: list[float], identity: BaseModelIdentity,
+                 task: str, fold: int, seed: int, limit: int | None, model_dir: str) -> tuple[float, list[dict]]:
+    """The α of ``alphas`` whose adapter scores best on ``task``'s validation split (the first of equals), and
+    every α's score. The metric is :class:`lofit.train.validation.ValidationScorer`'s (TruthfulQA MC1 with MC2
+    for ties, MQuAKE exact match, else the validation loss of the task's training-format examples)."""
+    from lofit.intervene import apply_adapters
+    from lofit.tasks import load_task
+    from lofit.train.config import TrainConfig
+    from lofit.train.data import encode_examples
+    from lofit.train.objective import Objective
+    from lofit.train.validation import Score, ValidationScorer, best_index
+
+    cfg = TrainConfig(model=model_dir, task=task, out="-", heads=k, seed=seed, limit=limit,
+                      fold=fold if task == "truthfulqa" else None).resolved()
+    data = load_task(task, fold=fold, seed=seed)
+    val = encode_examples(tokenizer, data.val[:limit] if limit else data.val, cfg.max_prompt_len, cfg.max_len)
+    objective = Objective(model, data.loss, pad_token_id(tokenizer), cfg.beta, next(model.parameters()).device)
+    scorer = ValidationScorer(cfg, model, tokenizer, objective, val, False)
+    results = []
+    for alpha in alphas:
+        adapter = build_iti_adapter(probes, k, alpha, identity, "alpha-candidate", {}, task=task)
+        with apply_adapters(model, adapter, check_fingerprint=False):
+            results.append({"alpha": alpha, "score": scorer.score().as_dict()})
+    best = best_index([Score(**r["score"]) for r in results])
+    return alphas[best], results
+
+
 def make_iti_adapter(model_dir: str, out: str, *, task: str = "truthfulqa", fold: int | None = None,
                      heads: int | None = None, heads_percent: float | None = None, alpha: float = DEFAULT_ALPHA,
                      seed: int = 42, limit: int | None = None, name: str | None = None, batch_size: int = 32,
-                     dtype: str = "float32", device: str = "cpu", progress: bool = True) -> Path:
+                     dtype: str = "float32", device: str = "cpu", progress: bool = True,
+                     search_alpha: list[float] | None = None) -> Path:
     """The whole ``lofit-baseline iti`` run: activations, probes, directions; writes the adapter to ``out``.
 
-    ``fold`` (default 0) is TruthfulQA's only; giving it with another task is an error.
+    ``fold`` (default 0) is TruthfulQA's only; giving it with another task is an error. ``search_alpha``: build
+    the adapter at each α, score it on the task's validation split with the metric ``lofit-train --search``
+    uses (:mod:`lofit.train.validation`), keep the best α (ITI's own paper chose α on validation data too);
+    the scores go into the adapter's metadata (``alpha_search``).
     """
     if task not in ITI_TASKS:
         raise BaselineError(f"ITI has no task {task!r}; its tasks are {', '.join(ITI_TASKS)}")
@@ -236,6 +267,9 @@ def make_iti_adapter(model_dir: str, out: str, *, task: str = "truthfulqa", fold
         check_head_count(heads, heads_percent)
     if not math.isfinite(alpha) or alpha <= 0:
         raise BaselineError("--alpha must be a positive number")
+    if search_alpha is not None and (not search_alpha or len(set(search_alpha)) != len(search_alpha)
+                                     or not all(math.isfinite(a) and a > 0 for a in search_alpha)):
+        raise BaselineError("--search-alpha needs distinct positive numbers, e.g. 1,5,10,15")
     if limit is not None and limit < 2:
         raise BaselineError("--limit must be at least 2 (the probes hold out 20 % of the questions)")
     if batch_size < 1:
@@ -261,9 +295,17 @@ def make_iti_adapter(model_dir: str, out: str, *, task: str = "truthfulqa", fold
                        "heads": heads, "heads_percent": heads_percent, "limit": limit, "val_fraction": VAL_FRACTION,
                        "probe_l2": PROBE_L2, "probe_steps": PROBE_STEPS, "batch_size": batch_size, "dtype": dtype}
     timings = {"activations": round(captured - started, 3), "probes": round(time.perf_counter() - captured, 3)}
-    adapter = build_iti_adapter(probes, k, alpha, identity, name,
-                                {**({"fold": fold} if truthfulqa else {}), "data": data,
-                                 "hyperparameters": hyperparameters, "timings_seconds": timings}, task=task)
+    metadata = {**({"fold": fold} if truthfulqa else {}), "data": data, "hyperparameters": hyperparameters,
+                "timings_seconds": timings}
+    if search_alpha is not None:
+        searched = time.perf_counter()
+        alpha, results = choose_alpha(model, tokenizer, probes, k, search_alpha, identity, task, fold, seed, limit,
+                                      model_dir)
+        hyperparameters["alpha"] = alpha
+        metadata["alpha_search"] = {"split": "validation", "metric": results[0]["score"]["metric"],
+                                    "alpha": alpha, "results": results}
+        timings["alpha_search"] = round(time.perf_counter() - searched, 3)
+    adapter = build_iti_adapter(probes, k, alpha, identity, name, metadata, task=task)
     where = f"fold {fold}" if truthfulqa else task
     picture = heads_png(probes.accuracy, adapter.head_list(), layout.num_layers, layout.num_heads,
                         f"{name} (ITI, {where}): top {k} of {layout.total_heads} heads by probe accuracy",

@@ -272,6 +272,8 @@ def test_iti_for_another_task_writes_an_adapter_of_that_task(stories_dir, tmp_pa
     (["--heads", "2", "--limit", "1", "--out", "X"], "--limit must be at least 2"),
     (["--task", "arc", "--fold", "0", "--heads", "2", "--out", "X"],
      "--fold is only for --task truthfulqa (arc has no folds)"),
+    (["--heads", "2", "--search-alpha", "1,x", "--out", "X"], "--search-alpha '1,x': write numbers"),
+    (["--heads", "2", "--search-alpha", "5,5", "--out", "X"], "--search-alpha needs distinct positive numbers"),
 ])
 def test_iti_bad_input_gets_a_clear_error(stories_dir, tmp_path, capsys, args, message):
     args = [a.replace("X", str(tmp_path / "x")) for a in args]
@@ -279,6 +281,19 @@ def test_iti_bad_input_gets_a_clear_error(stories_dir, tmp_path, capsys, args, m
     last_line = capsys.readouterr().err.strip().splitlines()[-1]
     assert last_line.startswith("lofit-baseline: error: ") and message in last_line
     assert not (tmp_path / "x").exists(), "nothing is written on error"
+
+
+def test_iti_alpha_is_chosen_on_the_validation_split(stories_dir, tmp_path, capsys):
+    out = tmp_path / "iti"
+    assert baseline_main(["iti", "--model", str(stories_dir), "--heads", "3", "--limit", "8", "--search-alpha",
+                          "1,5,15", "--out", str(out), "--no-progress"]) == 0
+    adapter = load_adapter(out)
+    search = adapter.metadata["alpha_search"]
+    assert search["metric"] == "mc1" and [r["alpha"] for r in search["results"]] == [1.0, 5.0, 15.0]
+    keys = [(r["score"]["value"], r["score"]["tie"]) for r in search["results"]]
+    assert search["alpha"] == search["results"][keys.index(max(keys))]["alpha"]
+    assert adapter.metadata["alpha"] == search["alpha"] == adapter.metadata["hyperparameters"]["alpha"]
+    assert json.loads(capsys.readouterr().out)["alpha_search"]["alpha"] == search["alpha"]
 
 
 def test_iti_model_that_is_not_a_checkpoint(tmp_path, capsys):
