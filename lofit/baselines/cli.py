@@ -67,6 +67,10 @@ def main(argv: list[str] | None = None) -> int:
         missing = [f"--{name}" for name in ("model", "out") if getattr(args, name) is None]
         if missing:
             raise BaselineError(f"missing required setting(s): {', '.join(missing)}")
+        if not args.progress:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
         alphas = None
         if args.search_alpha is not None:
             try:
