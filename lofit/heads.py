@@ -13,12 +13,15 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
+from torch.utils.hooks import RemovableHandle
 
 # Decoder families checked token for token against the vLLM plugin (tests/vllm/test_engine_architectures.py).
 # Other decoders whose attention feeds a contiguous-heads output projection are steered the same way.
@@ -289,6 +292,18 @@ def o_proj_modules(model: torch.nn.Module) -> list[torch.nn.Linear]:
 
     Raises :class:`UnsupportedModelError` for a model without decoder layers or projections."""
     return [output_projection(layer) for layer in decoder_layers(model)]
+
+
+def hook_o_proj_inputs(model: torch.nn.Module, layout: HeadLayout,
+                       edit: Callable[[int, torch.nn.Module, tuple], Any]) -> list[RemovableHandle]:
+    """Register ``edit(layer, module, args)`` as a forward pre-hook on every ``o_proj`` (the LoFiT site); returns
+    the handles. Raises :class:`UnsupportedModelError` when ``o_proj``'s input is not ``heads x head_dim``."""
+    projs = o_proj_modules(model)
+    expected = layout.num_heads * layout.head_dim
+    if projs[0].in_features != expected:
+        raise UnsupportedModelError(f"o_proj takes {projs[0].in_features} inputs, expected heads x head_dim = "
+                                    f"{expected}; the head layout of this model is not contiguous")
+    return [proj.register_forward_pre_hook(partial(edit, layer)) for layer, proj in enumerate(projs)]
 
 
 def identity_from_model(model: torch.nn.Module, name: str) -> BaseModelIdentity:

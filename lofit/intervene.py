@@ -14,18 +14,11 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from functools import partial
 
 import torch
 
 from lofit.adapter import BaseModelMismatchError, LofitAdapter
-from lofit.heads import (
-    HeadLayout,
-    UnsupportedModelError,
-    identity_from_model,
-    layout_from_config,
-    o_proj_modules,
-)
+from lofit.heads import HeadLayout, hook_o_proj_inputs, identity_from_model, layout_from_config
 
 
 class LofitHooks:
@@ -40,13 +33,7 @@ class LofitHooks:
         self.layout: HeadLayout = layout_from_config(model.config)
         self.scales: torch.Tensor | None = None
         self.offsets: torch.Tensor | None = None
-        projs = o_proj_modules(model)
-        expected = self.layout.num_heads * self.layout.head_dim
-        if projs[0].in_features != expected:
-            raise UnsupportedModelError(f"o_proj takes {projs[0].in_features} inputs, expected heads x head_dim = "
-                            f"{expected}; the head layout of this model is not contiguous")
-        self._handles = [proj.register_forward_pre_hook(partial(self._edit, layer))
-                         for layer, proj in enumerate(projs)]
+        self._handles = hook_o_proj_inputs(model, self.layout, self._edit)
 
     def _edit(self, layer: int, _module: torch.nn.Module, args: tuple[torch.Tensor, ...]):
         if self.scales is None and self.offsets is None:

@@ -69,12 +69,6 @@ class Objective:
         """The collated micro-batch of ``indices``, on the device."""
         return collate(encoded, indices, self.pad_id).to(self.device)
 
-    def batches(self, encoded: list[tuple[Encoded, ...]], batch_size: int, order: list[int] | None = None):
-        """Collated batches of ``batch_size`` examples in ``order`` (default: as given), on the device."""
-        order = list(range(len(encoded))) if order is None else order
-        for indices in self.chunks(order, batch_size):
-            yield self.batch(encoded, indices)
-
     def share(self, chunks: list[list[int]]) -> list[tuple[list[int], float]]:
         """This rank's ``(indices, weight)`` micro-batches out of ``chunks`` (dealt round-robin). Under FSDP every
         rank gets the same number: a rank short of one repeats ``chunks[0]`` with weight 0."""

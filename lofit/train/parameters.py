@@ -18,11 +18,9 @@ and fingerprint stay those of the checkpoint, and FSDP never shards the LoFiT ta
 
 from __future__ import annotations
 
-from functools import partial
-
 import torch
 
-from lofit.heads import HeadLayout, UnsupportedModelError, layout_from_config, o_proj_modules
+from lofit.heads import HeadLayout, hook_o_proj_inputs, layout_from_config
 
 
 class LofitParameters(torch.nn.Module):
@@ -104,13 +102,7 @@ class LofitParameters(torch.nn.Module):
             raise RuntimeError("these LoFiT parameters are already attached to a model")
         if layout_from_config(model.config) != self.layout:
             raise ValueError("the model's head layout differs from these LoFiT parameters'")
-        projs = o_proj_modules(model)
-        expected = self.layout.num_heads * self.layout.head_dim
-        if projs[0].in_features != expected:
-            raise UnsupportedModelError(f"o_proj takes {projs[0].in_features} inputs, expected heads x head_dim = "
-                                        f"{expected}; the head layout of this model is not contiguous")
-        self._handles = [proj.register_forward_pre_hook(partial(self._edit, layer))
-                         for layer, proj in enumerate(projs)]
+        self._handles = hook_o_proj_inputs(model, self.layout, self._edit)
         return self
 
     def detach(self) -> None:

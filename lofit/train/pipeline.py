@@ -6,7 +6,6 @@ rank 0 alone writes the adapter, its picture and its report, and the others lear
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 import time
 from dataclasses import asdict
@@ -129,12 +128,12 @@ def _check_out(cfg: TrainConfig) -> None:
     if out.is_dir() and any(out.iterdir()) and not (out / "adapter_config.json").is_file():
         raise ConfigError(f"--out {out}: a folder that is not an adapter directory (no adapter_config.json); "
                           "lofit-train replaces only adapters: choose a new path or empty it")
-    blocker = next((p for p in out.resolve().parents if p.exists()), None)
+    blocker = next((p for p in resolved.parents if p.exists()), None)
     if blocker is not None and not blocker.is_dir():
         raise ConfigError(f"--out {out}: {blocker} is a file, not a directory")
     try:
-        out.resolve().parent.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryDirectory(dir=out.resolve().parent).cleanup()
+        resolved.parent.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryDirectory(dir=resolved.parent).cleanup()
     except OSError as exc:
         raise ConfigError(f"--out {out}: cannot write there ({exc.strerror or exc})") from None
 
@@ -153,11 +152,11 @@ def train_adapter(config: TrainConfig) -> Path | None:
                               f"{how} (to shard a model over ranks use --distributed fsdp alone)")
         if not torch.cuda.is_available():
             raise ConfigError("--device-map auto spreads the model over CUDA devices, and this torch sees none")
-    if not (cfg.progress and int(os.environ.get("RANK", "0")) == 0):
+    dist = Distributed.start(mode, cfg.device)
+    if not (cfg.progress and dist.is_main):
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    dist = Distributed.start(mode, cfg.device)
     try:
         dist.on_main(lambda: _check_out(cfg))
         return _train(cfg, dist)

@@ -60,7 +60,7 @@ class ValidationScorer:
     def __init__(self, cfg: TrainConfig, model: torch.nn.Module, tokenizer, objective: Objective,
                  val: list[tuple[Encoded, ...]], progress: bool) -> None:
         self.model, self.tokenizer, self.objective, self.val, self.progress = model, tokenizer, objective, val, progress
-        self.task, self.batch_size = cfg.task, cfg.batch_size
+        self.batch_size = cfg.batch_size
         self.items = None
         spec = TASKS[cfg.task].eval
         if cfg.task in LIKELIHOOD + GENERATED:
