@@ -21,7 +21,7 @@ from collections.abc import Awaitable
 from pathlib import Path
 
 from fastapi import APIRouter, HTTPException, Request, UploadFile
-from fastapi.responses import PlainTextResponse
+from fastapi.responses import FileResponse, PlainTextResponse
 from pydantic import BaseModel
 
 from lofit.adapter import CONFIG_FILE, TENSORS_FILE
@@ -51,6 +51,28 @@ async def show_adapter(name: str, request: Request) -> AdapterInfo:
     if record is None:
         raise HTTPException(404, f"adapter {name!r} is not loaded")
     return record.info()
+
+
+# what an adapter folder may carry beside its weights (lofit-train writes them), readable with the inference key
+EXTRA_FILES = {"heads.png": "image/png", "train_report.json": "application/json",
+               "search.png": "image/png", "search_report.json": "application/json"}
+
+
+@router.get("/adapters/{name}/files/{filename}", responses={404: {"description": "not loaded, or no such file"}})
+async def adapter_file(name: str, filename: str, request: Request) -> FileResponse:
+    """One of the files ``lofit-train`` writes beside an adapter (:data:`EXTRA_FILES`: the head map ``heads.png``,
+    ``train_report.json``, and a search's ``search.png`` / ``search_report.json``), from the loaded adapter's
+    folder on this node. 404 when the adapter is not loaded, the name is not one of those files, or the adapter
+    came without it (an upload carries only its weights)."""
+    record = request.app.state.lofit.registry.records.get(name)
+    if record is None:
+        raise HTTPException(404, f"adapter {name!r} is not loaded")
+    if filename not in EXTRA_FILES:
+        raise HTTPException(404, f"{filename!r} is not an adapter file; these are: {', '.join(EXTRA_FILES)}")
+    path = record.path / filename if record.path is not None else None
+    if path is None or not path.is_file():
+        raise HTTPException(404, f"adapter {name!r} has no {filename}")
+    return FileResponse(path, media_type=EXTRA_FILES[filename])
 
 
 async def _load(request: Request, name: str) -> LoadAdapterResult:

@@ -38,7 +38,7 @@ from starlette.routing import Match
 from lofit.heads import BaseModelIdentity
 from lofit.vllm.architectures import cpu_engine_defaults, lofit_engine_args
 from lofit.vllm.contract import RPC_STATUS
-from server import api_adapters, api_generate, api_models, api_ops
+from server import api_adapters, api_generate, api_models, api_ops, api_ui
 from server.adapter_misses import UNAVAILABLE, LoadOnMiss, StoreLoader
 from server.adapter_store import AdapterStore, StoreUnavailable
 from server.api_generate import PromptTooLong
@@ -271,6 +271,8 @@ def create_app(settings: Settings) -> FastAPI:
                 route.responses.setdefault(404, {"description": "no response with this id"})
     for module in (api_generate, api_models, api_adapters, api_ops):
         app.include_router(module.router)
+    if settings.ui:
+        api_ui.mount(app)
     _install_errors(app)
     # outermost first, around vLLM's own (whose SageMaker bootstrap has already built the stack: rebuild it)
     app.user_middleware[0:0] = [Middleware(cls, settings=settings)

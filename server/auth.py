@@ -3,7 +3,8 @@
 Each route is one of three kinds (:func:`access`):
 
 * **open** — liveness, readiness, metrics and the API description: ``/health``, ``/ready``, ``/metrics``,
-  ``/load``, ``/ping``, ``/version``, ``/openapi.json``, ``/docs``, ``/redoc``;
+  ``/load``, ``/ping``, ``/version``, ``/openapi.json``, ``/docs``, ``/redoc``, and the playground's static files
+  under ``/ui`` (the page asks for the key and sends it with each API call it makes);
 * **inference** — generation and reading: ``POST /generate``, ``GET /adapters[/{name}]``, everything under
   ``/v1/`` (vLLM's OpenAI layer) but the adapter calls, ``/tokenize``, ``/detokenize``, ``/invocations``,
   ``/inference/v1/generate``, ...; needs ``--api-key`` (when the server has one) or the admin key;
@@ -35,7 +36,7 @@ INFERENCE_PATHS = {"/generate", "/tokenize", "/detokenize", "/tokenizer_info", "
 
 def access(method: str, path: str) -> str:
     """``open``, ``inference`` or ``admin`` for a request to an existing route."""
-    if path in OPEN_PATHS or path.startswith("/metrics/"):
+    if path in OPEN_PATHS or path.startswith(("/metrics/", "/ui/")) or path == "/ui":
         return OPEN
     if path in ADMIN_PATHS:
         return ADMIN

@@ -115,6 +115,9 @@ def parse(argv: list[str] | None = None) -> Settings:
                         default=os.environ.get(env_name("--trust-chat-control-tokens"), "") in ("1", "true"),
                         help="tokenise control-token strings inside chat messages as control tokens (vLLM's "
                              "default); without it they are plain text, so a message cannot inject a turn")
+    parser.add_argument("--no-ui", dest="ui", action="store_false",
+                        default=os.environ.get(env_name("--no-ui"), "") not in ("1", "true"),
+                        help="do not serve the steering playground at /ui")
     args, rest = parser.parse_known_args(argv)
     try:
         rest = shlex.split(os.environ.get("LOFIT_ENGINE_ARGS", "")) + rest
@@ -162,7 +165,8 @@ def parse(argv: list[str] | None = None) -> Settings:
                     api_key=args.api_key, admin_key=args.admin_key, served_model_name=args.served_model_name,
                     dtype=args.dtype, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                     max_adapters=args.max_adapters, max_prompt_tokens=args.max_prompt_tokens,
-                    kv_cache_gib=args.kv_cache_gib, trust_chat_control_tokens=args.trust_chat_control_tokens,
+                    kv_cache_gib=args.kv_cache_gib, ui=args.ui,
+                    trust_chat_control_tokens=args.trust_chat_control_tokens,
                     vllm_flags=rest, vllm_args=vllm_namespace(rest))
 
 

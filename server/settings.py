@@ -40,6 +40,7 @@ class Settings:
     max_body_bytes: int = 1 << 20
     max_upload_bytes: int = 64 << 20
     trust_chat_control_tokens: bool = False  # True: chat content may carry control tokens (vLLM's default)
+    ui: bool = True  # the playground at /ui (server/api_ui.py)
     kv_cache_gib: int | None = None  # CPU KV cache size (VLLM_CPU_KVCACHE_SPACE)
     vllm_flags: list[str] = field(default_factory=list)  # every other flag, as given (for vLLM's parser)
     vllm_args: argparse.Namespace | None = None  # vLLM's `vllm serve` arguments parsed from ``vllm_flags``

@@ -97,6 +97,17 @@ def test_chat_control_tokens_are_text_unless_trusted(model_dir, monkeypatch):
     assert parse(["--model", str(model_dir)]).trust_chat_control_tokens is True
 
 
+def test_the_playground_is_on_unless_turned_off(model_dir, monkeypatch):
+    from server.app import create_app
+
+    on, off = parse(["--model", str(model_dir)]), parse(["--model", str(model_dir), "--no-ui"])
+    assert on.ui is True and off.ui is False
+    paths = lambda settings: {getattr(route, "path", None) for route in create_app(settings).routes}  # noqa: E731
+    assert "/ui" in paths(on) and "/ui" not in paths(off)
+    monkeypatch.setenv("LOFIT_NO_UI", "1")
+    assert parse(["--model", str(model_dir)]).ui is False
+
+
 def test_the_admin_key_is_never_the_inference_key(model_dir):
     """lofit-serve refuses to start with one key for both (vLLM's single --api-key is not enough)."""
     with pytest.raises(SystemExit):
