@@ -169,11 +169,17 @@ function buildColumnSetup() {
   });
 }
 
+// The ticked columns' choices [[{name, weight}, {name, weight}], ...]; throws on a blank or non-numeric strength.
 function columnChoices() {
   return [...document.querySelectorAll(".column-setup")].filter((box) => box.querySelector(".use").checked)
-    .map((box) => [...box.querySelectorAll(".row")].map((row) => ({
-      name: row.querySelector(".pick").value, weight: Number(row.querySelector(".weight").value),
-    })));
+    .map((box, i) => [...box.querySelectorAll(".row")].map((row) => {
+      const name = row.querySelector(".pick").value, raw = row.querySelector(".weight").value.trim();
+      const weight = Number(raw);
+      if (name && (raw === "" || !Number.isFinite(weight))) {
+        throw new Error("Column " + (Number(box.dataset.column) + 1) + ": give " + name + " a strength (a number).");
+      }
+      return { name, weight };
+    }));
 }
 
 // The text a streamed chunk adds (usually one token; special tokens such as the end of turn are not text).
@@ -199,8 +205,8 @@ function markDepartures(columns) {
   for (const c of columns) {
     const note = c.el.querySelector(".note");
     if (c.failed) continue;
-    if (c.isBase) { note.textContent = c.tokens.length + " tokens (the reference)"; continue; }
-    if (!base || base.failed) { note.textContent = c.tokens.length + " tokens"; continue; }
+    if (c.isBase) { note.textContent = "the reference for the other columns"; continue; }
+    if (!base || base.failed) { note.textContent = "no base column to compare with"; continue; }
     let i = 0;
     while (i < c.tokens.length && i < base.tokens.length && c.tokens[i] === base.tokens[i]) i++;
     const same = i === c.tokens.length && i === base.tokens.length;
@@ -217,7 +223,8 @@ async function runCompare(event) {
   const prompt = $("compare-prompt").value;
   if (!prompt.trim()) { showMessage("Write a prompt first."); return; }
   const chat = $("compare-chat").checked;
-  const choices = columnChoices().slice(0, 4);
+  let choices;
+  try { choices = columnChoices().slice(0, 4); } catch (err) { showMessage(err.message); return; }
   if (!choices.length) { showMessage("Tick at least one column."); return; }
   const sampling = { max_tokens: Number($("compare-max").value), temperature: Number($("compare-temp").value),
     seed: Number($("compare-seed").value), stream: true };

@@ -150,6 +150,14 @@ def test_compare_in_chat_mode_streams_chat_completions(page):
     assert page.text_content("#compare-curl").count("/v1/chat/completions") == 4
 
 
+def test_a_blank_strength_is_refused_on_the_page(page):
+    connect(page)
+    page.fill("[aria-label='column 2 strength 1']", "")
+    page.click("#compare-run")
+    assert "Column 2: give mquake a strength" in page.inner_text("#message")
+    assert page.locator("#columns .column").count() == 0  # nothing was sent
+
+
 def test_strength_sweep_plots_the_servers_log_probs(page, shots, server):
     connect(page)
     page.click(".tab[data-view=sweep]")
