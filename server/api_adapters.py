@@ -17,11 +17,13 @@ loaded; loading by name reads the adapters directory's folder when there is one,
 from __future__ import annotations
 
 import asyncio
+import os
+import stat
 from collections.abc import Awaitable
 from pathlib import Path
 
 from fastapi import APIRouter, HTTPException, Request, UploadFile
-from fastapi.responses import FileResponse, PlainTextResponse
+from fastapi.responses import PlainTextResponse, Response
 from pydantic import BaseModel
 
 from lofit.adapter import CONFIG_FILE, TENSORS_FILE
@@ -58,21 +60,36 @@ EXTRA_FILES = {"heads.png": "image/png", "train_report.json": "application/json"
                "search.png": "image/png", "search_report.json": "application/json"}
 
 
-@router.get("/adapters/{name}/files/{filename}", responses={404: {"description": "not loaded, or no such file"}})
-async def adapter_file(name: str, filename: str, request: Request) -> FileResponse:
+@router.get("/adapters/{name}/files/{filename}", response_class=Response,
+            responses={404: {"description": "not loaded, or no such file"}})
+async def adapter_file(name: str, filename: str, request: Request) -> Response:
     """One of the files ``lofit-train`` writes beside an adapter (:data:`EXTRA_FILES`: the head map ``heads.png``,
     ``train_report.json``, and a search's ``search.png`` / ``search_report.json``), from the loaded adapter's
-    folder on this node. 404 when the adapter is not loaded, the name is not one of those files, or the adapter
-    came without it (an upload carries only its weights)."""
+    folder on this node. 404 when the adapter is not loaded, the name is not one of those files, the adapter came
+    without it (an upload carries only its weights), or it is not a regular file of at most 16 MiB in that folder
+    (a symbolic link is never followed)."""
     record = request.app.state.lofit.registry.records.get(name)
     if record is None:
         raise HTTPException(404, f"adapter {name!r} is not loaded")
     if filename not in EXTRA_FILES:
         raise HTTPException(404, f"{filename!r} is not an adapter file; these are: {', '.join(EXTRA_FILES)}")
-    path = record.path / filename if record.path is not None else None
-    if path is None or not path.is_file():
+    content = None if record.path is None else await asyncio.to_thread(_read_plain_file, record.path / filename)
+    if content is None:
         raise HTTPException(404, f"adapter {name!r} has no {filename}")
-    return FileResponse(path, media_type=EXTRA_FILES[filename])
+    return Response(content, media_type=EXTRA_FILES[filename])
+
+
+def _read_plain_file(path: Path, limit: int = 16 << 20) -> bytes | None:
+    """The bytes of ``path`` when it is a regular file (not a symbolic link) of at most ``limit`` bytes, else None."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as handle:
+        info = os.fstat(handle.fileno())
+        if not stat.S_ISREG(info.st_mode) or info.st_size > limit:
+            return None
+        return handle.read(limit + 1)[:limit]
 
 
 async def _load(request: Request, name: str) -> LoadAdapterResult:

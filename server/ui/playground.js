@@ -4,7 +4,7 @@
 
 const KEY_STORE = "lofit-playground-key"; // sessionStorage: kept for this tab only
 const COLORS = ["#2f6fdb", "#d9480f", "#2b8a3e", "#7048e8"];
-const state = { base: null, adapters: [], curl: { compare: [], sweep: [], adapters: [] } };
+const state = { base: null, adapters: [], connected: false, curl: { compare: [], sweep: [], adapters: [] } };
 const $ = (id) => document.getElementById(id);
 
 // ---------- API calls ----------
@@ -92,6 +92,19 @@ function showMessage(text) {
   const box = $("message");
   box.textContent = text;
   box.hidden = !text;
+}
+
+// A number field's value; throws a message naming the field when it is blank, not a number or out of range.
+function numberField(id, label, { integer = false, min = -Infinity, max = Infinity } = {}) {
+  const raw = $(id).value.trim(), value = Number(raw);
+  if (raw === "" || !Number.isFinite(value)) throw new Error("Give " + label + " a number.");
+  if (integer && !Number.isInteger(value)) throw new Error(label + " must be a whole number.");
+  if (value < min || value > max) throw new Error(label + " must be between " + min + " and " + max + ".");
+  return value;
+}
+
+function requireConnection() {
+  if (!state.connected) throw new Error("Not connected: enter the inference key above and press \"Use key\".");
 }
 
 // ---------- steering choices ----------
@@ -221,13 +234,19 @@ async function runCompare(event) {
   event.preventDefault();
   showMessage("");
   const prompt = $("compare-prompt").value;
-  if (!prompt.trim()) { showMessage("Write a prompt first."); return; }
   const chat = $("compare-chat").checked;
-  let choices;
-  try { choices = columnChoices().slice(0, 4); } catch (err) { showMessage(err.message); return; }
-  if (!choices.length) { showMessage("Tick at least one column."); return; }
-  const sampling = { max_tokens: Number($("compare-max").value), temperature: Number($("compare-temp").value),
-    seed: Number($("compare-seed").value), stream: true };
+  let choices, sampling;
+  try {
+    requireConnection();
+    if (!prompt.trim()) throw new Error("Write a prompt first.");
+    choices = columnChoices().slice(0, 4);
+    if (!choices.length) throw new Error("Tick at least one column.");
+    sampling = { max_tokens: numberField("compare-max", "max tokens", { integer: true, min: 1 }),
+      temperature: numberField("compare-temp", "temperature", { min: 0, max: 2 }), stream: true };
+    if ($("compare-seed").value.trim() !== "") {
+      sampling.seed = numberField("compare-seed", "seed", { integer: true, min: 0 });
+    }
+  } catch (err) { showMessage(err.message); return; }
   state.curl.compare = [];
   const root = $("columns");
   root.textContent = "";
@@ -243,9 +262,10 @@ async function runCompare(event) {
     note.textContent = "generating…";
     el.append(h, out, note);
     root.append(el);
-    return { el, choice, tokens: [], departsAt: null, failed: false,
-      isBase: choice.every((c) => !c.name || c.weight === 0) };
+    return { el, choice, tokens: [], departsAt: null, failed: false, isBase: false };
   });
+  const reference = columns.find((c) => c.choice.every((x) => !x.name || x.weight === 0));
+  if (reference) reference.isBase = true; // the first base-model column is what the others are compared with
   $("compare-run").disabled = true;
   await Promise.all(columns.map(async (column) => {
     const body = chat
@@ -274,8 +294,9 @@ async function runCompare(event) {
 // ---------- Strength sweep ----------
 
 function strengths() {
-  const from = Number($("sweep-from").value), to = Number($("sweep-to").value), step = Number($("sweep-step").value);
-  if (![from, to, step].every(Number.isFinite) || step <= 0) throw new Error("Give numbers, with a positive step.");
+  const from = numberField("sweep-from", "from"), to = numberField("sweep-to", "to");
+  const step = numberField("sweep-step", "step");
+  if (step <= 0) throw new Error("The step must be positive.");
   if (to < from) throw new Error("'to' must not be below 'from'.");
   const n = Math.floor((to - from) / step + 1e-9) + 1;
   if (n > 21) throw new Error("At most 21 strengths: widen the step.");
@@ -306,17 +327,22 @@ async function targetLogprob(promptIds, targetIds, fields) {
 async function runSweep(event) {
   event.preventDefault();
   showMessage("");
-  let points;
-  try { points = strengths(); } catch (err) { showMessage(err.message); return; }
-  const adapter = $("sweep-adapter").value;
-  if (!adapter) { showMessage("No adapter is loaded on this server."); return; }
-  const prompt = $("sweep-prompt").value, target = $("sweep-target").value, chat = $("sweep-chat").checked;
-  if (!prompt.trim() || !target) { showMessage("Give a prompt and a target continuation."); return; }
-  state.curl.sweep = [];
-  $("sweep-run").disabled = true;
   const tbody = $("sweep-table").querySelector("tbody");
   tbody.textContent = "";
+  $("sweep-table").hidden = true;
   $("sweep-chart").textContent = "";
+  const adapter = $("sweep-adapter").value;
+  const prompt = $("sweep-prompt").value, target = $("sweep-target").value, chat = $("sweep-chat").checked;
+  let points, maxTokens;
+  try {
+    requireConnection();
+    points = strengths();
+    maxTokens = numberField("sweep-max", "max tokens", { integer: true, min: 1 });
+    if (!adapter) throw new Error("No adapter is loaded on this server.");
+    if (!prompt.trim() || !target) throw new Error("Give a prompt and a target continuation.");
+  } catch (err) { showMessage(err.message); return; }
+  state.curl.sweep = [];
+  $("sweep-run").disabled = true;
   try {
     const promptIds = await tokenize("sweep", prompt, chat, true);
     const targetIds = await tokenize("sweep", target, false, false);
@@ -324,7 +350,7 @@ async function runSweep(event) {
       const fields = { adapter, adapter_scale: s };
       const [gen, logprob] = await Promise.all([
         api("sweep", "POST", "/v1/completions", Object.assign({ model: state.base, prompt: promptIds,
-          max_tokens: Number($("sweep-max").value), temperature: 0 }, fields)),
+          max_tokens: maxTokens, temperature: 0 }, fields)),
         targetLogprob(promptIds, targetIds, fields),
       ]);
       return { strength: s, text: gen.choices[0].text, logprob };
@@ -403,9 +429,20 @@ function lineChart(series, xLabel, yLabel) {
 
 // ---------- Adapters ----------
 
+// GET /adapters; the compare and sweep choices and the header follow the new list.
 async function loadAdapters(view) {
   const listing = await api(view, "GET", "/adapters");
   state.adapters = listing.adapters;
+  $("served").textContent = "serving " + state.base + " with " + state.adapters.length + " adapter(s)";
+  for (const select of document.querySelectorAll("#columns-setup .pick")) {
+    const chosen = select.value;
+    adapterOptions(select, true, state.adapters.some((a) => a.name === chosen) ? chosen : "");
+  }
+  const sweep = $("sweep-adapter"), current = sweep.value;
+  const preferred = state.adapters.find((a) => a.task === "truthfulqa"); // the default prompt is a TruthfulQA one
+  adapterOptions(sweep, false);
+  if (state.adapters.some((a) => a.name === current)) sweep.value = current;
+  else if (preferred) sweep.value = preferred.name;
   return listing;
 }
 
@@ -413,7 +450,10 @@ async function renderAdapters() {
   showMessage("");
   state.curl.adapters = [];
   let listing;
-  try { listing = await loadAdapters("adapters"); } catch (err) { showMessage(err.message); return; }
+  try {
+    requireConnection();
+    listing = await loadAdapters("adapters");
+  } catch (err) { showMessage(err.message); return; }
   const tbody = $("adapters-table").querySelector("tbody");
   tbody.textContent = "";
   for (const a of listing.adapters) {
@@ -434,7 +474,10 @@ async function renderAdapters() {
   if (listing.adapters.length) showAdapter(listing.adapters[0]);
 }
 
+// Shows one adapter's details; a later click wins over an earlier one still loading.
 async function showAdapter(a) {
+  const turn = (state.shown = (state.shown || 0) + 1);
+  const current = () => turn === state.shown;
   for (const tr of $("adapters-table").querySelectorAll("tbody tr")) {
     tr.classList.toggle("chosen", tr.dataset.adapter === a.name);
   }
@@ -449,16 +492,20 @@ async function showAdapter(a) {
   const base = "/adapters/" + encodeURIComponent(a.name) + "/files/";
   try {
     const response = await api("adapters", "GET", base + "heads.png", undefined, true);
-    img.src = URL.createObjectURL(await response.blob());
+    const blob = await response.blob();
+    if (!current()) return;
+    img.src = URL.createObjectURL(blob);
     img.hidden = false;
     $("detail-map-caption").textContent = "heads.png: the stage-1 ranking and the chosen heads";
   } catch (err) {
+    if (!current()) return;
     $("detail-map-caption").textContent = err.status === 404 ? "this adapter has no heads.png" : err.message;
   }
   const curves = $("detail-curves");
   curves.textContent = "";
   try {
     const report = await api("adapters", "GET", base + "train_report.json");
+    if (!current()) return;
     const series = [];
     for (const [stage, label] of [["stage1", "stage 1"], ["stage2", "stage 2"]]) {
       const epochs = (report[stage] && report[stage].epochs) || [];
@@ -471,12 +518,29 @@ async function showAdapter(a) {
     $("detail-curves-caption").textContent = series.length ? "training curves (train_report.json)"
       : "train_report.json has no epoch records";
   } catch (err) {
+    if (!current()) return;
     $("detail-curves-caption").textContent = err.status === 404 ? "this adapter has no train_report.json"
       : err.message;
   }
 }
 
 // ---------- start ----------
+
+// Copy a curl box; browsers allow the clipboard only on https or localhost, so elsewhere the text is selected.
+async function copy(button) {
+  const box = $(button.dataset.for);
+  try {
+    await navigator.clipboard.writeText(box.textContent);
+    button.textContent = "Copied";
+  } catch (_) {
+    const range = document.createRange();
+    range.selectNodeContents(box);
+    getSelection().removeAllRanges();
+    getSelection().addRange(range);
+    button.textContent = "Selected: press Ctrl+C (the clipboard needs https or localhost)";
+  }
+  setTimeout(() => { button.textContent = "Copy"; }, 4000);
+}
 
 function selectView(name) {
   for (const tab of document.querySelectorAll(".tab")) tab.setAttribute("aria-selected", tab.dataset.view === name);
@@ -492,12 +556,12 @@ async function connect() {
     const base = models.data.find((m) => !m.parent) || models.data[0];
     state.base = base.id;
     await loadAdapters("compare");
-    $("served").textContent = "serving " + state.base + " with " + state.adapters.length + " adapter(s)";
-    $("key-state").textContent = "connected";
     buildColumnSetup();
-    adapterOptions($("sweep-adapter"), false);
+    state.connected = true;
+    $("key-state").textContent = "connected";
     return true;
   } catch (err) {
+    state.connected = false;
     $("key-state").textContent = "not connected";
     showMessage(err.message);
     return false;
@@ -513,9 +577,7 @@ document.addEventListener("DOMContentLoaded", () => {
     connect();
   });
   for (const tab of document.querySelectorAll(".tab")) tab.addEventListener("click", () => selectView(tab.dataset.view));
-  for (const button of document.querySelectorAll(".copy")) {
-    button.addEventListener("click", () => navigator.clipboard.writeText($(button.dataset.for).textContent));
-  }
+  for (const button of document.querySelectorAll(".copy")) button.addEventListener("click", () => copy(button));
   $("compare-form").addEventListener("submit", runCompare);
   $("sweep-form").addEventListener("submit", runSweep);
   $("adapters-refresh").addEventListener("click", renderAdapters);

@@ -7,6 +7,7 @@ the ones in ``docs/`` were made).
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -16,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.server.conftest import API_KEY, AUTH, BASE, REPO, Server, start_server
+from tests.server.conftest import ADMIN, API_KEY, AUTH, BASE, REPO, Server, random_adapter, start_server
 
 pytestmark = pytest.mark.slow
 
@@ -98,9 +99,27 @@ def test_adapter_files_need_the_key_and_serve_only_known_files(server):
     assert missing.status_code == 404 and "not loaded" in missing.json()["error"]["message"]
 
 
+def test_adapter_files_never_follow_a_symbolic_link(server, tmp_path):
+    folder = server.adapters / "linked"
+    random_adapter("linked", seed=5).save(folder)
+    secret = tmp_path / "secret.json"
+    secret.write_text('{"secret": true}')
+    (folder / "train_report.json").symlink_to(secret)
+    (folder / "heads.png").symlink_to(REPO / "adapters" / "truthfulqa" / "heads.png")
+    assert httpx.post(server.url + "/adapters", json={"name": "linked"}, headers=ADMIN, timeout=120).status_code == 200
+    try:
+        for name in ("train_report.json", "heads.png"):
+            response = httpx.get(f"{server.url}/adapters/linked/files/{name}", headers=AUTH, timeout=30)
+            assert response.status_code == 404 and "secret" not in response.text, name
+    finally:
+        httpx.delete(server.url + "/adapters/linked", headers=ADMIN, timeout=120)
+
+
 def test_no_key_or_a_wrong_key_gives_a_clear_message(page, shots):
     page.wait_for_selector("#message:not([hidden])")
     assert "refused the key (401" in page.inner_text("#message")
+    page.click("#compare-run")
+    assert "Not connected: enter the inference key" in page.inner_text("#message")
     page.fill("#key", "not-the-key")
     page.click("#key-form button")
     page.wait_for_function("document.getElementById('message').textContent.includes('wrong API key')")
@@ -150,11 +169,18 @@ def test_compare_in_chat_mode_streams_chat_completions(page):
     assert page.text_content("#compare-curl").count("/v1/chat/completions") == 4
 
 
-def test_a_blank_strength_is_refused_on_the_page(page):
+def test_blank_or_bad_numbers_are_refused_on_the_page(page):
     connect(page)
     page.fill("[aria-label='column 2 strength 1']", "")
     page.click("#compare-run")
     assert "Column 2: give mquake a strength" in page.inner_text("#message")
+    page.fill("[aria-label='column 2 strength 1']", "1")
+    page.fill("#compare-max", "")
+    page.click("#compare-run")
+    assert "Give max tokens a number" in page.inner_text("#message")
+    page.fill("#compare-max", "2.5")
+    page.click("#compare-run")
+    assert "max tokens must be a whole number" in page.inner_text("#message")
     assert page.locator("#columns .column").count() == 0  # nothing was sent
 
 
@@ -203,6 +229,9 @@ def test_sweep_refuses_bad_ranges_on_the_page(page):
     page.fill("#sweep-to", "100")
     page.click("#sweep-run")
     assert "At most 21" in page.inner_text("#message")
+    page.fill("#sweep-from", "")
+    page.click("#sweep-run")
+    assert "Give from a number" in page.inner_text("#message")
 
 
 def test_adapters_view_shows_the_head_map_and_training_curves(page, shots):
@@ -213,8 +242,29 @@ def test_adapters_view_shows_the_head_map_and_training_curves(page, shots):
     assert names == ["mquake", "truthfulqa"]
     page.click("#adapters-table tbody tr[data-adapter=truthfulqa]")
     page.wait_for_function("document.getElementById('detail-name').textContent === 'truthfulqa' && "
-                           "document.getElementById('detail-map').naturalWidth > 0")
-    assert page.locator("#detail-curves svg path.line").count() >= 2
+                           "document.getElementById('detail-map').naturalWidth > 0 && "
+                           "document.querySelectorAll('#detail-curves svg').length === 1")
+    # one line per (stage, train or val loss) in truthfulqa's report, not mquake's (shown first, still loading)
+    report = json.loads((REPO / "adapters" / "truthfulqa" / "train_report.json").read_text())
+    expected = sum(any(key in e for e in report.get(stage, {}).get("epochs", []))
+                   for stage in ("stage1", "stage2") for key in ("train_loss", "val_loss"))
+    assert expected >= 2 and page.locator("#detail-curves svg path.line").count() == expected
     assert "(layer, head)" in page.inner_text("#detail-heads")
     assert "/adapters/truthfulqa/files/heads.png" in page.text_content("#adapters-curl")
     page.screenshot(path=str(shots / "playground-adapters.png"), full_page=True)
+
+
+def test_an_adapter_loaded_while_the_page_is_open_appears_in_its_choices(page, server):
+    connect(page)
+    random_adapter("late", seed=6).save(server.adapters / "late")
+    assert httpx.post(server.url + "/adapters", json={"name": "late"}, headers=ADMIN, timeout=120).status_code == 200
+    try:
+        page.click(".tab[data-view=adapters]")
+        page.wait_for_selector("#adapters-table tbody tr[data-adapter=late]")
+        options = page.eval_on_selector_all("#sweep-adapter option", "os => os.map(o => o.value)")
+        assert "late" in options
+        assert "late" in page.eval_on_selector_all("[aria-label='column 1 adapter 1'] option",
+                                                   "os => os.map(o => o.value)")
+        assert "3 adapter(s)" in page.inner_text("#served")
+    finally:
+        httpx.delete(server.url + "/adapters/late", headers=ADMIN, timeout=120)
