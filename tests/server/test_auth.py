@@ -64,6 +64,8 @@ ROUTES: dict[tuple[str, str], tuple[str, dict, dict, int]] = {
     ("GET", "/v1/models/{model}"): (INFERENCE, {}, {"model": "good"}, 200),
     ("GET", "/adapters"): (INFERENCE, {}, {}, 200),
     ("GET", "/adapters/{name}"): (INFERENCE, {}, {"name": "good"}, 200),
+    # "good" has weights only (no heads.png): past the keys, the answer is 404
+    ("GET", "/adapters/{name}/files/{filename}"): (INFERENCE, {}, {"name": "good", "filename": "heads.png"}, 404),
     ("POST", "/adapters"): (ADMIN, {"json": {"name": "good"}}, {}, 200),
     ("PUT", "/adapters/{name}"): (ADMIN, {"lazy": _probe_upload}, {"name": PROBE}, 200),
     ("POST", "/adapters/{name}/reload"): (ADMIN, {}, {"name": "good"}, 200),
@@ -76,7 +78,7 @@ ROUTES: dict[tuple[str, str], tuple[str, dict, dict, int]] = {
 HIDDEN = [  # routes vLLM leaves out of the schema: classified all the same
     (INFERENCE, "/inference/v1/generate"), (INFERENCE, "/v1/completions/render"), (INFERENCE, "/v1/messages/render"),
     (INFERENCE, "/v1/chat/completions/derender"), (ADMIN, "/inference/v1/abort_requests")]
-UNLISTED_OPEN = ["/openapi.json", "/docs", "/redoc"]  # FastAPI's own pages, not in the schema
+UNLISTED_OPEN = ["/openapi.json", "/docs", "/redoc", "/ui/"]  # FastAPI's own pages and the playground: no schema
 IDS = [f"{method} {path}" for method, path in ROUTES]
 
 
