@@ -79,8 +79,11 @@ def test_page_is_served_without_a_key_with_a_strict_policy(server):
     assert page.status_code == 200 and "LoFiT steering playground" in page.text
     assert "script-src 'self'" in page.headers["content-security-policy"]
     assert httpx.get(server.url + "/ui", timeout=30, follow_redirects=True).status_code == 200
-    for name in ("playground.js", "playground.css"):
-        assert httpx.get(f"{server.url}/ui/{name}", timeout=30).status_code == 200
+    for name in ("main.js", "compare.js", "sweep.js", "adapters.js", "playground.css"):
+        response = httpx.get(f"{server.url}/ui/{name}", timeout=30)
+        assert response.status_code == 200  # modules need a JavaScript media type
+        kind = response.headers["content-type"].split(";")[0]
+        assert kind in ("text/javascript", "application/javascript", "text/css")
     assert httpx.get(server.url + "/ui/nothing.js", timeout=30).status_code == 404
 
 
