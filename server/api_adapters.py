@@ -17,8 +17,6 @@ loaded; loading by name reads the adapters directory's folder when there is one,
 from __future__ import annotations
 
 import asyncio
-import os
-import stat
 from collections.abc import Awaitable
 from pathlib import Path
 
@@ -27,7 +25,7 @@ from fastapi.responses import PlainTextResponse, Response
 from pydantic import BaseModel
 
 from lofit.adapter import CONFIG_FILE, TENSORS_FILE
-from server.registry import InvalidAdapter, Record, UnknownAdapter, now_ms
+from server.registry import InvalidAdapter, NotRegularFile, Record, UnknownAdapter, now_ms, read_regular_file
 from server.schemas import AdapterInfo, AdapterList, LoadAdapterRequest, LoadAdapterResult
 from server.vllm_api import LoadLoRAAdapterRequest, UnloadLoRAAdapterRequest
 
@@ -58,6 +56,7 @@ async def show_adapter(name: str, request: Request) -> AdapterInfo:
 # what an adapter folder may carry beside its weights (lofit-train writes them), readable with the inference key
 EXTRA_FILES = {"heads.png": "image/png", "train_report.json": "application/json",
                "search.png": "image/png", "search_report.json": "application/json"}
+EXTRA_FILE_BYTES = 16 << 20
 
 
 @router.get("/adapters/{name}/files/{filename}", response_class=Response,
@@ -73,23 +72,13 @@ async def adapter_file(name: str, filename: str, request: Request) -> Response:
         raise HTTPException(404, f"adapter {name!r} is not loaded")
     if filename not in EXTRA_FILES:
         raise HTTPException(404, f"{filename!r} is not an adapter file; these are: {', '.join(EXTRA_FILES)}")
-    content = None if record.path is None else await asyncio.to_thread(_read_plain_file, record.path / filename)
-    if content is None:
-        raise HTTPException(404, f"adapter {name!r} has no {filename}")
-    return Response(content, media_type=EXTRA_FILES[filename])
-
-
-def _read_plain_file(path: Path, limit: int = 16 << 20) -> bytes | None:
-    """The bytes of ``path`` when it is a regular file (not a symbolic link) of at most ``limit`` bytes, else None."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    except OSError:
-        return None
-    with os.fdopen(fd, "rb") as handle:
-        info = os.fstat(handle.fileno())
-        if not stat.S_ISREG(info.st_mode) or info.st_size > limit:
-            return None
-        return handle.read(limit + 1)[:limit]
+        if record.path is None:
+            raise NotRegularFile(NotRegularFile.MISSING)
+        content = await asyncio.to_thread(read_regular_file, record.path / filename, EXTRA_FILE_BYTES)
+    except NotRegularFile:
+        raise HTTPException(404, f"adapter {name!r} has no {filename}") from None
+    return Response(content, media_type=EXTRA_FILES[filename])
 
 
 async def _load(request: Request, name: str) -> LoadAdapterResult:

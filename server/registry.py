@@ -67,6 +67,38 @@ class InvalidAdapter(ValueError):
     """An adapter that cannot be loaded: a bad name, a missing folder, or a file that fails validation."""
 
 
+class NotRegularFile(Exception):
+    """:func:`read_regular_file` refused ``path``: ``reason`` is ``LINK``, ``MISSING`` (absent, or not a regular
+    file) or ``LARGE`` (``size`` bytes, over the limit)."""
+
+    LINK, MISSING, LARGE = "link", "missing", "large"
+
+    def __init__(self, reason: str, size: int = 0) -> None:
+        super().__init__(reason)
+        self.reason, self.size = reason, size
+
+
+def read_regular_file(path: Path, limit: int) -> bytes:
+    """The bytes of ``path`` if it is a regular file of at most ``limit`` bytes. The file is opened without
+    following a symbolic link (``O_NOFOLLOW``) or blocking on a FIFO (``O_NONBLOCK``), and checked on the open
+    descriptor, so it cannot be swapped between the check and the read.
+
+    Raises :class:`NotRegularFile`."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise NotRegularFile(NotRegularFile.MISSING) from None
+    except OSError:  # ELOOP: the last component is a link (or another refusal to open it)
+        raise NotRegularFile(NotRegularFile.LINK if os.path.islink(path) else NotRegularFile.MISSING) from None
+    with os.fdopen(fd, "rb") as handle:
+        info = os.fstat(handle.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise NotRegularFile(NotRegularFile.MISSING)
+        if info.st_size > limit:
+            raise NotRegularFile(NotRegularFile.LARGE, info.st_size)
+        return handle.read(limit + 1)[:limit]
+
+
 @dataclass
 class Record:
     adapter: LofitAdapter
@@ -160,20 +192,20 @@ class AdapterRegistry:
         return await self.load_files(name, self.read_folder(path, name), FROM_DIR, path)
 
     def read_folder(self, path: Path, name: str) -> dict[str, bytes]:
-        """The bytes of the adapter files in ``path`` (regular files only, sizes checked before reading)."""
+        """The bytes of the adapter files in ``path`` (:func:`read_regular_file`: no links, sizes checked)."""
         files = {}
         for filename, limit in ((CONFIG_FILE, MAX_CONFIG_BYTES), (TENSORS_FILE, MAX_TENSORS_BYTES)):
-            file = path / filename
-            if file.is_symlink():
-                raise InvalidAdapter(f"adapter {name!r}: {filename} is a symbolic link; the server only reads "
-                                     "regular files inside the adapters directory")
-            if not file.is_file():
-                raise InvalidAdapter(f"adapter {name!r}: {filename} not found; is this a LoFiT adapter folder "
-                                     "(made by lofit-train)?")
-            if file.stat().st_size > limit:
-                raise InvalidAdapter(f"adapter {name!r}: {filename} is {file.stat().st_size} bytes, far larger "
-                                     f"than any LoFiT adapter file (limit {limit}); refusing to read it")
-            files[filename] = file.read_bytes()
+            try:
+                files[filename] = read_regular_file(path / filename, limit)
+            except NotRegularFile as exc:
+                if exc.reason == NotRegularFile.LINK:
+                    raise InvalidAdapter(f"adapter {name!r}: {filename} is a symbolic link; the server only reads "
+                                         "regular files inside the adapters directory") from None
+                if exc.reason == NotRegularFile.MISSING:
+                    raise InvalidAdapter(f"adapter {name!r}: {filename} not found; is this a LoFiT adapter folder "
+                                         "(made by lofit-train)?") from None
+                raise InvalidAdapter(f"adapter {name!r}: {filename} is {exc.size} bytes, far larger than any LoFiT "
+                                     f"adapter file (limit {limit}); refusing to read it") from None
         return files
 
     def validate_files(self, files: dict[str, bytes], reference: str, where: str) -> LofitAdapter:

@@ -172,18 +172,20 @@ def test_compare_in_chat_mode_streams_chat_completions(page):
     assert page.text_content("#compare-curl").count("/v1/chat/completions") == 4
 
 
+def message_after(page, button: str, fields: dict[str, str]) -> str:
+    """Fill ``fields`` ({selector: value}), click ``button``, and return the page's message."""
+    for selector, value in fields.items():
+        page.fill(selector, value)
+    page.click(button)
+    return page.inner_text("#message")
+
+
 def test_blank_or_bad_numbers_are_refused_on_the_page(page):
     connect(page)
-    page.fill("[aria-label='column 2 strength 1']", "")
-    page.click("#compare-run")
-    assert "Column 2: give mquake a strength" in page.inner_text("#message")
-    page.fill("[aria-label='column 2 strength 1']", "1")
-    page.fill("#compare-max", "")
-    page.click("#compare-run")
-    assert "Give max tokens a number" in page.inner_text("#message")
-    page.fill("#compare-max", "2.5")
-    page.click("#compare-run")
-    assert "max tokens must be a whole number" in page.inner_text("#message")
+    strength = "[aria-label='column 2 strength 1']"
+    assert "Column 2: give mquake a strength" in message_after(page, "#compare-run", {strength: ""})
+    assert "Give max tokens a number" in message_after(page, "#compare-run", {strength: "1", "#compare-max": ""})
+    assert "max tokens must be a whole number" in message_after(page, "#compare-run", {"#compare-max": "2.5"})
     assert page.locator("#columns .column").count() == 0  # nothing was sent
 
 
@@ -224,17 +226,9 @@ def test_strength_sweep_plots_the_servers_log_probs(page, shots, server):
 def test_sweep_refuses_bad_ranges_on_the_page(page):
     connect(page)
     page.click(".tab[data-view=sweep]")
-    page.fill("#sweep-from", "3")
-    page.fill("#sweep-to", "-2")
-    page.click("#sweep-run")
-    assert "must not be below" in page.inner_text("#message")
-    page.fill("#sweep-from", "-100")
-    page.fill("#sweep-to", "100")
-    page.click("#sweep-run")
-    assert "At most 21" in page.inner_text("#message")
-    page.fill("#sweep-from", "")
-    page.click("#sweep-run")
-    assert "Give from a number" in page.inner_text("#message")
+    assert "must not be below" in message_after(page, "#sweep-run", {"#sweep-from": "3", "#sweep-to": "-2"})
+    assert "At most 21" in message_after(page, "#sweep-run", {"#sweep-from": "-100", "#sweep-to": "100"})
+    assert "Give from a number" in message_after(page, "#sweep-run", {"#sweep-from": ""})
 
 
 def test_adapters_view_shows_the_head_map_and_training_curves(page, shots):
