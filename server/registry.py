@@ -90,12 +90,13 @@ def read_regular_file(path: Path, limit: int) -> bytes:
         raise NotRegularFile(NotRegularFile.MISSING) from None
     except OSError:  # ELOOP: the last component is a link (or another refusal to open it)
         raise NotRegularFile(NotRegularFile.LINK if os.path.islink(path) else NotRegularFile.MISSING) from None
-    with os.fdopen(fd, "rb") as handle:
-        info = os.fstat(handle.fileno())
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_size > limit:
+        os.close(fd)
         if not stat.S_ISREG(info.st_mode):
             raise NotRegularFile(NotRegularFile.MISSING)
-        if info.st_size > limit:
-            raise NotRegularFile(NotRegularFile.LARGE, info.st_size)
+        raise NotRegularFile(NotRegularFile.LARGE, info.st_size)
+    with os.fdopen(fd, "rb") as handle:
         return handle.read(limit + 1)[:limit]
 
 
