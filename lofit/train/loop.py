@@ -38,6 +38,7 @@ class StageHistory:
     epochs: list[dict[str, float]] = field(default_factory=list)
     seconds: float = 0.0
     kept_epoch: int | None = None  # 1-based epoch whose parameters were kept (``--select-epoch best``)
+    kept_score: Score | None = None  # that epoch's validation metric, so that a search need not score it again
 
     def as_dict(self) -> dict:
         """The history as ``train_report.json`` records it (seconds rounded to ms)."""
@@ -58,7 +59,8 @@ def optimise(params: list[torch.nn.Parameter], objective: Objective, train: list
     progress bar shows on rank 0 only. Raises :class:`TrainingDiverged` (naming ``lr_flag``) as soon as a step
     leaves a parameter that is not finite, or overflows the optimiser. With ``epoch_score`` (the validation
     metric of the model as steered at the end of an epoch) the parameters of the best epoch are kept instead of
-    the last (:func:`~lofit.train.validation.best_index`), and ``history.kept_epoch`` says which."""
+    the last (:func:`~lofit.train.validation.best_index`); ``history.kept_epoch`` says which, and
+    ``history.kept_score`` holds its metric."""
     dist = objective.dist
     history = StageHistory()
     started = time.perf_counter()
@@ -129,6 +131,7 @@ def optimise(params: list[torch.nn.Parameter], objective: Objective, train: list
     bar.close()
     if epoch_score is not None:
         history.kept_epoch = best_index(scores, prefer="last") + 1
+        history.kept_score = scores[history.kept_epoch - 1]
         with torch.no_grad():
             for p, value in zip(params, kept, strict=True):
                 p.copy_(value)

@@ -222,9 +222,12 @@ def _train(cfg: TrainConfig, dist: Distributed) -> Path | None:
                              epoch_score=scorer.score if run.select_epoch == "best" else None)
         finished.append((run, k, selection, tuned))
         if grid:
-            candidate = LofitAdapter(heads=tuned.heads, offsets=tuned.offsets, base_model=identity, name="candidate")
-            with apply_adapters(model, candidate, check_fingerprint=False):
-                score = scorer.score()
+            score = tuned.history.kept_score  # --select-epoch best scored the kept epoch already
+            if score is None:
+                candidate = LofitAdapter(heads=tuned.heads, offsets=tuned.offsets, base_model=identity,
+                                         name="candidate")
+                with apply_adapters(model, candidate, check_fingerprint=False):
+                    score = scorer.score()
             settings = {key_: getattr(run, key_) for key_ in grid}
             results.append(CandidateResult(settings=settings, k=k, heads=tuned.heads.tolist(),
                                            score=score.as_dict(), stage1_run=stage1_index, stage1_reused=shared,

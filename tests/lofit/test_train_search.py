@@ -63,6 +63,25 @@ def test_the_search_writes_the_best_validation_candidate_and_runs_stage1_once_pe
     assert searched.metadata["hyperparameters"]["lr_v"] == winner["lr_v"]
 
 
+def test_a_search_with_select_epoch_best_scores_each_epoch_once_and_reports_the_kept_one(
+        stories_dir, planted, tmp_path, monkeypatch):
+    from lofit.train.validation import ValidationScorer
+
+    calls = []
+    real = ValidationScorer.score
+    monkeypatch.setattr(ValidationScorer, "score", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    train, val = planted
+    out = tmp_path / "best"
+    assert main(["--model", str(stories_dir), "--task", "sft-jsonl", "--data", str(train), "--val-data", str(val),
+                 "--epochs", "2", "--heads", "2", "--select-epoch", "best", "--search", "lr_v=1e-4,5e-2",
+                 "--no-progress", "--out", str(out)]) == 0
+    assert len(calls) == 2 * 2, "one validation pass per epoch; the kept epoch's score is not recomputed"
+    report = json.loads((out / "search_report.json").read_text())
+    epochs = json.loads((out / "train_report.json").read_text())["stage2"]["epochs"]
+    winner = report["results"][report["winner"]]
+    assert winner["score"]["value"] == epochs[winner["kept_epoch"] - 1]["val_metric_val_loss"]
+
+
 @pytest.mark.parametrize(("grid", "message"), [
     (["lr_v=abc"], "lr_v='abc' is not a number"),
     (["epochs_v=2.5"], "epochs_v='2.5' is not an integer"),
@@ -128,7 +147,7 @@ def test_select_epoch_best_keeps_that_epochs_offsets(stories_model, stories_toke
     tuned = tune_offsets(objective, LofitHooks(stories_model).layout, [(1, 2), (3, 5)], train, [], lr=5e-2,
                          epochs=3, init_std=1e-3, seed=0, batch_size=4, grad_accum=1, max_grad_norm=1.0,
                          progress=False, epoch_score=epoch_score)
-    assert tuned.history.kept_epoch == 2
+    assert tuned.history.kept_epoch == 2 and tuned.history.kept_score == Score("made_up", 3.0, True)
     assert [e["val_metric_made_up"] for e in tuned.history.epochs] == [1.0, 3.0, 2.0]
     from lofit.intervene import dense_table
 
