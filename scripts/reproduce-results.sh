@@ -146,16 +146,26 @@ section_truthfulqa-search() {
     # Issue 22, both folds at K = 3 %: stage 2 searched on the validation split over the paper-recipe run's
     # stage-1 ranking (truthfulqa-f0 / truthfulqa-f1 train those): every incorrect answer paired with the best
     # one (--pairs all), 2 epochs with the best epoch kept, stage-2 lr 1e-2 or 5e-2. Fold 0's winner is the
-    # shipped adapters/truthfulqa (its name field set to truthfulqa). Scored on each fold's test split.
+    # shipped adapters/truthfulqa (its name field set to truthfulqa). The baselines get the same search: random
+    # heads (seed 42) with the same stage-2 grid, and ITI with its alpha chosen on the same validation
+    # questions. Each fold's three winners are scored on that fold's test split.
     local f
     for f in 0 1; do
         local source="$R/truthfulqa-lofit-paper-k3-f$f"
         [[ $f == 1 ]] && source="$R/truthfulqa-lofit-k3-f1"
         [[ -f $source/adapter_config.json ]] || section_truthfulqa-f$f
-        train "$R/truthfulqa-lofit-search-k3-f$f" --task truthfulqa --fold "$f" --heads-percent 3 \
-            --heads-from "$source" --pairs all --epochs-v 2 --select-epoch best --search lr_v=1e-2,5e-2
+        local stage2=(--task truthfulqa --fold "$f" --heads-percent 3 --pairs all --epochs-v 2 --select-epoch best
+                      --search lr_v=1e-2,5e-2)
+        train "$R/truthfulqa-lofit-search-k3-f$f" "${stage2[@]}" --heads-from "$source"
+        train "$R/truthfulqa-random-search-k3-f$f" "${stage2[@]}" --random-heads --seed 42
+        iti "$R/truthfulqa-iti-search-k3-f$f" --task truthfulqa --fold "$f" --heads-percent 3 \
+            --search-alpha 1,5,10,15,20
         score "$R/truthfulqa-search-k3-f$f.json" --task truthfulqa --fold "$f" --no-base \
             --adapter "$R/truthfulqa-lofit-search-k3-f$f"
+        score "$R/truthfulqa-random-search-k3-f$f.json" --task truthfulqa --fold "$f" --no-base \
+            --adapter "$R/truthfulqa-random-search-k3-f$f"
+        score "$R/truthfulqa-iti-search-k3-f$f.json" --task truthfulqa --fold "$f" --no-base \
+            --adapter "$R/truthfulqa-iti-search-k3-f$f"
     done
 }
 
