@@ -32,8 +32,11 @@ from lofit.train.validation import Score, ValidationScorer, best_index
 
 
 def _truthfulqa_mc(model, tokenizer, adapter: LofitAdapter, fold: int, limit: int | None,
-                   progress: bool) -> dict[str, Any]:
-    """MC1/MC2 on the val split of ``fold``, base model then with ``adapter`` (the task's own scorer)."""
+                   progress: bool, known: Score | None = None) -> dict[str, Any]:
+    """MC1/MC2 on the val split of ``fold``, base model then with ``adapter`` (the task's own scorer).
+
+    ``known``: the adapter's MC1 (MC2 as its tie) on that split, already measured by ``--select-epoch best``;
+    it is reported instead of scoring the adapter a second time."""
     from lofit.eval.backends import ModelBackend
     from lofit.tasks.truthfulqa import eval_items, evaluate_mc
 
@@ -45,6 +48,9 @@ def _truthfulqa_mc(model, tokenizer, adapter: LofitAdapter, fold: int, limit: in
         return {"mc1": result["mc1"], "mc2": result["mc2"], "questions": result["items"]}
 
     before = mc("MC on val, base model")
+    if known is not None and known.metric == "mc1" and known.tie is not None:
+        return {"split": f"fold_{fold}_val", "before": before,
+                "after": {"mc1": known.value, "mc2": known.tie, "questions": before["questions"]}}
     with apply_adapters(model, adapter, check_fingerprint=False):  # made from this checkpoint's identity
         after = mc("MC on val, with adapter")
     return {"split": f"fold_{fold}_val", "before": before, "after": after}
@@ -276,7 +282,8 @@ def _train(cfg: TrainConfig, dist: Distributed) -> Path | None:
     )
     if task.name == "truthfulqa" and cfg.mc_eval:
         mc_started = time.perf_counter()
-        metrics["truthfulqa_mc"] = _truthfulqa_mc(model, tokenizer, adapter, cfg.fold, cfg.limit, progress)
+        metrics["truthfulqa_mc"] = _truthfulqa_mc(model, tokenizer, adapter, cfg.fold, cfg.limit, progress,
+                                                    tuned.history.kept_score)
         metrics["truthfulqa_mc"]["seconds"] = round(time.perf_counter() - mc_started, 3)
     report = {
         "timings_seconds": {"load": round(load_seconds, 3), "stage1": round(selection.history.seconds, 3),

@@ -82,6 +82,25 @@ def test_a_search_with_select_epoch_best_scores_each_epoch_once_and_reports_the_
     assert winner["score"]["value"] == epochs[winner["kept_epoch"] - 1]["val_metric_val_loss"]
 
 
+def test_select_epoch_best_on_truthfulqa_reports_the_kept_epochs_mc_without_scoring_it_again(
+        stories_dir, tmp_path, monkeypatch):
+    import lofit.train.pipeline as pipeline
+
+    applied = []
+    real = pipeline.apply_adapters
+    monkeypatch.setattr(pipeline, "apply_adapters", lambda *a, **k: applied.append(1) or real(*a, **k))
+    out = tmp_path / "tqa"
+    assert main(["--model", str(stories_dir), "--task", "truthfulqa", "--heads", "2", "--epochs", "2",
+                 "--limit", "12", "--batch-size", "4", "--select-epoch", "best", "--no-progress",
+                 "--out", str(out)]) == 0
+    assert applied == [], "the closing val MC reuses the kept epoch's score"
+    epochs = json.loads((out / "train_report.json").read_text())["stage2"]["epochs"]
+    kept = json.loads((out / "train_report.json").read_text())["stage2"]["kept_epoch"]
+    after = json.loads((out / "adapter_config.json").read_text())["metrics"]["truthfulqa_mc"]["after"]
+    assert after["mc1"] == epochs[kept - 1]["val_metric_mc1"] and after["questions"] == 12
+    assert 0.0 <= after["mc2"] <= 1.0
+
+
 @pytest.mark.parametrize(("grid", "message"), [
     (["lr_v=abc"], "lr_v='abc' is not a number"),
     (["epochs_v=2.5"], "epochs_v='2.5' is not an integer"),
