@@ -49,10 +49,10 @@ def _truthfulqa_mc(model, tokenizer, adapter: LofitAdapter, fold: int, limit: in
 
     before = mc("MC on val, base model")
     if known is not None and known.metric == "mc1" and known.tie is not None:
-        return {"split": f"fold_{fold}_val", "before": before,
-                "after": {"mc1": known.value, "mc2": known.tie, "questions": before["questions"]}}
-    with apply_adapters(model, adapter, check_fingerprint=False):  # made from this checkpoint's identity
-        after = mc("MC on val, with adapter")
+        after = {"mc1": known.value, "mc2": known.tie, "questions": before["questions"]}
+    else:
+        with apply_adapters(model, adapter, check_fingerprint=False):  # made from this checkpoint's identity
+            after = mc("MC on val, with adapter")
     return {"split": f"fold_{fold}_val", "before": before, "after": after}
 
 
