@@ -15,9 +15,16 @@ from lofit.train.config import ConfigError, TrainConfig
 from lofit.train.distributed import RankFailed
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag ends like every other bad setting: one line on stderr, exit 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """``lofit-train``'s argument parser."""
-    p = argparse.ArgumentParser(
+    """``lofit-train``'s argument parser (a bad flag: one line on stderr, exit 2)."""
+    p = _Parser(
         prog="lofit-train",
         description="Train a LoFiT adapter: stage 1 learns L1-regularised scales on every attention head and "
                     "keeps the top K by ||A||_2; stage 2 learns one offset vector per selected head. "

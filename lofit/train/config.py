@@ -24,6 +24,14 @@ def check_device(device: str) -> None:
         raise ConfigError(f"--device {device!r}: lofit-train runs on cpu, cuda or cuda:N")
 
 
+def _searches_k(search: list[str] | dict[str, Any] | None) -> bool:
+    """Whether a ``--search`` grid (flags or a config file's object, not yet parsed) varies K."""
+    if not search:
+        return False
+    keys = search if isinstance(search, dict) else [str(s).partition("=")[0] for s in search]
+    return bool({str(k).strip().replace("-", "_") for k in keys} & {"heads", "heads_percent"})
+
+
 @dataclass
 class TrainConfig:
     """All settings of a ``lofit-train`` run. ``None`` learning rates/L1 take the task's defaults
@@ -84,7 +92,9 @@ class TrainConfig:
         try:
             check_head_count(out.heads, out.heads_percent)
         except ValueError as exc:
-            raise ConfigError(str(exc)) from None
+            # a search whose grid gives K (heads or heads_percent) needs no K of its own
+            if out.heads is not None or out.heads_percent is not None or not _searches_k(out.search):
+                raise ConfigError(str(exc)) from None
         if out.random_heads and out.heads_from:
             raise ConfigError("--random-heads and --heads-from both choose the heads; give at most one")
         if out.dtype not in ("float32", "bfloat16"):

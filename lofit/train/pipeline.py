@@ -6,6 +6,7 @@ rank 0 alone writes the adapter, its picture and its report, and the others lear
 from __future__ import annotations
 
 import json
+import sys
 import tempfile
 import time
 from dataclasses import asdict
@@ -24,6 +25,7 @@ from lofit.tasks import TaskData, load_task
 from lofit.train.config import ConfigError, TrainConfig
 from lofit.train.data import encode_examples
 from lofit.train.distributed import Distributed, launched_world_size, local_parameter_bytes, resolve_mode
+from lofit.train.loop import TrainingDiverged
 from lofit.train.objective import Objective
 from lofit.train.search import CandidateResult, candidates, parse_grid, search_png, stage1_key
 from lofit.train.stage1 import HeadSelection, random_selection, select_heads, selection_from_adapter
@@ -173,12 +175,8 @@ def train_adapter(config: TrainConfig) -> Path | None:
 def _select(cfg: TrainConfig, how: str, source: LofitAdapter | None, objective: Objective, layout, train, val,
             k: int, progress: bool) -> HeadSelection:
     """The head ranking of one run: recorded in ``--heads-from``, drawn at random, or stage 1."""
-    if how == "reused":
-        selection = selection_from_adapter(source, layout)
-        if k > len(selection.ranking):
-            raise ConfigError(f"--heads-from {cfg.heads_from} ranks only {len(selection.ranking)} heads; "
-                              f"K = {k} needs more")
-        return selection
+    if how == "reused":  # its length was checked against every K by _head_counts
+        return selection_from_adapter(source, layout)
     if how == "random":
         return random_selection(layout, k, cfg.seed)
     seed_everything(cfg.seed)
@@ -187,10 +185,46 @@ def _select(cfg: TrainConfig, how: str, source: LofitAdapter | None, objective: 
                         init_std=cfg.init_std, progress=progress)
 
 
+def _point(run: TrainConfig, grid: dict[str, list]) -> dict[str, Any]:
+    """The grid's settings of one candidate, as reports and messages name it."""
+    return {key: getattr(run, key) for key in grid}
+
+
+def _head_counts(runs: list[TrainConfig], grid: dict[str, list] | None, layout,
+                 source: LofitAdapter | None) -> list[int]:
+    """K of every run, each checked against the model's heads and a reused ranking's length before anything
+    trains; raises :class:`ConfigError` (naming the search candidate, in a search)."""
+    ranked = None if source is None else len(selection_from_adapter(source, layout).ranking)
+    sizes = []
+    for run in runs:
+        try:
+            k = run.num_heads(layout.total_heads)
+            if ranked is not None and k > ranked:
+                raise ConfigError(f"--heads-from {run.heads_from} ranks only {ranked} heads; K = {k} needs more")
+        except ConfigError as exc:
+            if grid is None:
+                raise
+            raise ConfigError(f"--search candidate {_point(run, grid)}: {exc}") from None
+        sizes.append(k)
+    return sizes
+
+
+def _winner(results: list[CandidateResult]) -> int:
+    """The index of the best candidate that did not diverge; raises :class:`TrainingDiverged` when all did."""
+    alive = [i for i, r in enumerate(results) if "diverged" not in r.score]
+    if not alive:
+        raise TrainingDiverged(f"--search: every candidate diverged; nothing was written (the first: "
+                               f"{results[0].settings}: {results[0].score['diverged']})")
+    return alive[best_index([Score(**results[i].score) for i in alive])]
+
+
 def _train(cfg: TrainConfig, dist: Distributed) -> Path | None:
     started = time.perf_counter()
     grid = parse_grid(cfg.search) if cfg.search else None
     runs, grid_size = candidates(cfg, grid, cfg.search_budget) if grid else ([cfg], 1)
+    if grid and cfg.search_budget is not None and cfg.search_budget >= grid_size and dist.is_main:
+        sys.stderr.write(f"lofit-train: note: --search-budget {cfg.search_budget} is not below the grid's "
+                         f"{grid_size} candidates: all of them run\n")
     task = _limit(load_task(cfg.task, cfg.data, cfg.val_data, cfg.fold, cfg.train_size, cfg.seed, cfg.pairs),
                   cfg.limit)
     identity = _identity(cfg.model)
@@ -198,7 +232,7 @@ def _train(cfg: TrainConfig, dist: Distributed) -> Path | None:
     seed_everything(cfg.seed)
     tokenizer, model, device, placement = _load(cfg, dist)
     layout = layout_from_config(model.config)
-    sizes = [run.num_heads(layout.total_heads) for run in runs]  # every K checked before any training
+    sizes = _head_counts(runs, grid, layout, source)  # every K checked before any training
     train = encode_examples(tokenizer, task.train, cfg.max_prompt_len, cfg.max_len)
     val = encode_examples(tokenizer, task.val, cfg.max_prompt_len, cfg.max_len)
     objective = Objective(model, task.loss, pad_token_id(tokenizer), cfg.beta, device, dist, cfg.mixed_precision)
@@ -209,6 +243,7 @@ def _train(cfg: TrainConfig, dist: Distributed) -> Path | None:
     how = "reused" if source is not None else "random" if cfg.random_heads else "stage1"
 
     selections: dict[tuple, tuple[int, HeadSelection]] = {}
+    diverged: dict[tuple, TrainingDiverged] = {}  # stage-1 settings whose stage 1 diverged
     finished, results = [], []
     bar = tqdm(total=len(runs), desc="search: candidates", disable=not (progress and grid), dynamic_ncols=True)
     for run, k in zip(runs, sizes, strict=True):
@@ -216,16 +251,36 @@ def _train(cfg: TrainConfig, dist: Distributed) -> Path | None:
         key = stage1_key(run, k, how)
         shared = key in selections
         objective.beta = run.beta
-        if not shared:
-            selection = _select(run, how, source, objective, layout, train, val, k, progress and not grid)
-            selections[key] = (len(selections), selection)
-        stage1_index, selection = selections[key]
-        seed_everything(run.seed)  # stage 2 starts afresh, as the reference's second process does
-        tuned = tune_offsets(objective, layout, selection.top(k), train, val, lr=run.lr_v, epochs=run.epochs_v,
-                             init_std=run.init_std, seed=run.seed, batch_size=run.batch_size,
-                             grad_accum=run.grad_accum, max_grad_norm=run.max_grad_norm,
-                             progress=progress and not grid,
-                             epoch_score=scorer.score if run.select_epoch == "best" else None)
+        try:
+            if key in diverged:
+                raise diverged[key]
+            if not shared:
+                selection = _select(run, how, source, objective, layout, train, val, k, progress and not grid)
+                selections[key] = (len(selections), selection)
+            stage1_index, selection = selections[key]
+            seed_everything(run.seed)  # stage 2 starts afresh, as the reference's second process does
+            tuned = tune_offsets(objective, layout, selection.top(k), train, val, lr=run.lr_v, epochs=run.epochs_v,
+                                 init_std=run.init_std, seed=run.seed, batch_size=run.batch_size,
+                                 grad_accum=run.grad_accum, max_grad_norm=run.max_grad_norm,
+                                 progress=progress and not grid,
+                                 epoch_score=scorer.score if run.select_epoch == "best" else None)
+        except TrainingDiverged as exc:
+            if not grid:
+                raise
+            # One candidate's settings diverged: record it and go on with the others (as a tuner marks a failed
+            # trial), so that a grid that reaches too far does not lose the candidates already trained.
+            if key not in selections:
+                diverged[key] = exc
+            finished.append(None)
+            results.append(CandidateResult(settings=_point(run, grid), k=k, heads=[],
+                                           score={"metric": scorer.metric, "value": None,
+                                                  "higher_is_better": scorer.metric != "val_loss",
+                                                  "diverged": str(exc)},
+                                           stage1_run=selections[key][0] if key in selections else None,
+                                           stage1_reused=shared,
+                                           seconds=round(time.perf_counter() - run_started, 3)))
+            bar.update(1)
+            continue
         finished.append((run, k, selection, tuned))
         if grid:
             score = tuned.history.kept_score  # --select-epoch best scored the kept epoch already
@@ -234,15 +289,14 @@ def _train(cfg: TrainConfig, dist: Distributed) -> Path | None:
                                          name="candidate")
                 with apply_adapters(model, candidate, check_fingerprint=False):
                     score = scorer.score()
-            settings = {key_: getattr(run, key_) for key_ in grid}
-            results.append(CandidateResult(settings=settings, k=k, heads=tuned.heads.tolist(),
+            results.append(CandidateResult(settings=_point(run, grid), k=k, heads=tuned.heads.tolist(),
                                            score=score.as_dict(), stage1_run=stage1_index, stage1_reused=shared,
                                            seconds=round(time.perf_counter() - run_started, 3),
                                            kept_epoch=tuned.history.kept_epoch))
             bar.update(1)
             bar.set_postfix({score.metric: f"{score.value:.4f}"})
     bar.close()
-    winner = best_index([Score(**r.score) for r in results]) if grid else 0
+    winner = _winner(results) if grid else 0
     budget = cfg.search_budget
     cfg, k, selection, tuned = finished[winner]
     reused = None if source is None else {"adapter": source.name, "task": source.task,
@@ -293,7 +347,8 @@ def _train(cfg: TrainConfig, dist: Distributed) -> Path | None:
         "stage2": tuned.history.as_dict(),
         "metrics": metrics,
         "placement": placement,
-        "config": asdict(cfg),
+        # the winner's own settings, and the search that chose them (``search`` is null for a plain run)
+        "config": {**asdict(cfg), "search": grid, "search_budget": budget},
     }
     extra: dict[str, bytes] = {}
     if search:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import itertools
+import math
 import random
 from dataclasses import dataclass, replace
 from typing import Any
@@ -109,7 +110,7 @@ class CandidateResult:
     k: int
     heads: list[list[int]]
     score: dict[str, Any]
-    stage1_run: int  # index of the stage-1 run whose ranking it used
+    stage1_run: int | None  # index of the stage-1 run whose ranking it used (None: its stage 1 diverged)
     stage1_reused: bool
     seconds: float
     kept_epoch: int | None = None
@@ -126,8 +127,9 @@ def search_png(results: list[CandidateResult], winner: int, metric: str, title: 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    values = [r.score["value"] for r in results]
-    labels = [", ".join(f"{k}={v:g}" for k, v in r.settings.items()) for r in results]
+    values = [math.nan if r.score["value"] is None else r.score["value"] for r in results]  # diverged: no point
+    labels = [", ".join(f"{k}={v:g}" for k, v in r.settings.items()) + (" (diverged)" if "diverged" in r.score
+                                                                          else "") for r in results]
     fig, ax = plt.subplots(figsize=(max(6.0, 0.5 * len(results) + 2), 4.5))
     ax.plot(range(len(results)), values, "o", color="tab:blue")
     ax.plot([winner], [values[winner]], "o", color="tab:orange", markersize=11, label="winner")

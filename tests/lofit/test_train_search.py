@@ -109,15 +109,53 @@ def test_select_epoch_best_on_truthfulqa_reports_the_kept_epochs_mc_without_scor
     (["lr_v=1e-2,1e-2"], "lists a value twice"),
     (["lr_v"], "write KEY=V1,V2"),
     (["lr_v=1e-2,-1"], "--lr-v must be a positive number"),
-    (["heads=2,400"], "exceeds the model's 40 heads"),
+    (["heads=2,400"], ("--search candidate {'heads': 400}: ", "exceeds the model's 40 heads")),
 ])
 def test_bad_search_settings_end_like_bad_flags(stories_dir, planted, tmp_path, capsys, grid, message):
     train, val = planted
     code = main(["--model", str(stories_dir), "--task", "sft-jsonl", "--data", str(train), "--val-data", str(val),
                  "--heads", "2", "--search", *grid, "--out", str(tmp_path / "x"), "--no-progress"])
     err = capsys.readouterr().err
-    assert code == 2 and message in err and err.count("\n") == 1, err
+    assert code == 2 and all(m in err for m in (message if isinstance(message, tuple) else (message,)))
+    assert err.count("\n") == 1, err
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--select-epoch", "worst"], "argument --select-epoch: invalid choice: 'worst'"),
+    (["--search-budget", "1.5"], "argument --search-budget: invalid int value: '1.5'"),
+    (["--search"], "argument --search: expected at least one argument"),
+])
+def test_flags_argparse_refuses_end_in_one_line_too(flags, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--model", "m", "--task", "sft-jsonl", "--out", "x", *flags])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and message in err and err.count("\n") == 1, err
+    assert err.startswith("lofit-train: error: ") and "--help" in err
+
+
+def test_a_diverging_candidate_is_recorded_and_the_search_goes_on(stories_dir, planted, tmp_path, capsys):
+    train, val = planted
+    run = ["--model", str(stories_dir), "--task", "sft-jsonl", "--data", str(train), "--val-data", str(val),
+           "--epochs", "1", "--no-progress"]
+    out = tmp_path / "searched"
+    # K only in the grid (no --heads), and a budget above the grid's size: both accepted
+    assert main([*run, "--search", "lr_v=1e-2,1e38", "heads=2", "--search-budget", "5", "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "--search-budget 5 is not below the grid's 2 candidates" in err
+    report = json.loads((out / "search_report.json").read_text())
+    ok, bad = report["results"]
+    assert report["winner"] == 0 and ok["score"]["value"] is not None and "diverged" not in ok["score"]
+    assert bad["score"]["value"] is None and bad["heads"] == []
+    assert "stage 2: tune offsets" in bad["score"]["diverged"] and "1e+38" in bad["score"]["diverged"]
+    config = json.loads((out / "train_report.json").read_text())["config"]
+    assert config["lr_v"] == 1e-2 and config["heads"] == 2
+    assert config["search"] == {"lr_v": [1e-2, 1e38], "heads": [2]} and config["search_budget"] == 5
+
+    assert main([*run, "--search", "lr_v=1e38,1e39", "heads=2", "--out", str(tmp_path / "none")]) == 2
+    err = capsys.readouterr().err
+    assert "every candidate diverged; nothing was written" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "none").exists()
 
 
 def test_a_search_without_validation_data_is_refused(stories_dir, planted, tmp_path, capsys):
