@@ -8,6 +8,7 @@ import sys
 
 from lofit.adapter import AdapterError, load_adapter
 from lofit.baselines.iti import DEFAULT_ALPHA, ITI_TASKS, BaselineError, make_iti_adapter
+from lofit.cli_parser import OneLineParser
 from lofit.heads import UnsupportedModelError
 from lofit.hf import ModelLoadError
 from lofit.tasks import TaskError
@@ -16,7 +17,7 @@ from lofit.train.config import ConfigError
 
 def build_parser() -> argparse.ArgumentParser:
     """``lofit-baseline``'s argument parser (one sub-command per method)."""
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="lofit-baseline",
         description="Build a baseline adapter in the LoFiT adapter format, servable and evaluable like a "
                     "lofit-train adapter. For the random-heads ablation use lofit-train --random-heads.",

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from lofit.adapter import AdapterError, LofitAdapter, load_adapter
+from lofit.cli_parser import OneLineParser
 from lofit.hf import ModelLoadError
 from lofit.tasks import EVAL_TASKS, TASKS, TaskError
 
@@ -74,8 +75,8 @@ def markdown(report: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     """Run ``lofit-eval``; exits 2 with a one-line error for bad settings or data, writing nothing."""
-    parser = argparse.ArgumentParser(prog="lofit-eval", description=__doc__.replace("``", ""),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(prog="lofit-eval", description=__doc__.replace("``", ""),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, required=True, help="local Hugging Face checkpoint directory")
     parser.add_argument("--task", required=True, choices=EVAL_TASKS)
     parser.add_argument("--adapter", type=Path, action="append", default=[], help="an adapter directory (repeat)")

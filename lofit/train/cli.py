@@ -8,6 +8,7 @@ import sys
 from dataclasses import fields
 
 from lofit.adapter import AdapterError, load_adapter
+from lofit.cli_parser import OneLineParser
 from lofit.heads import UnsupportedModelError
 from lofit.hf import ModelLoadError
 from lofit.tasks import TRAIN_TASKS, TaskError
@@ -15,16 +16,9 @@ from lofit.train.config import ConfigError, TrainConfig
 from lofit.train.distributed import RankFailed
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a bad flag ends like every other bad setting: one line on stderr, exit 2."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
     """``lofit-train``'s argument parser (a bad flag: one line on stderr, exit 2)."""
-    p = _Parser(
+    p = OneLineParser(
         prog="lofit-train",
         description="Train a LoFiT adapter: stage 1 learns L1-regularised scales on every attention head and "
                     "keeps the top K by ||A||_2; stage 2 learns one offset vector per selected head. "
@@ -52,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--random-heads", action="store_true", default=None,
                    help="skip stage 1: tune offsets on K heads drawn uniformly at random with --seed "
                         "(the localisation ablation)")
-    p.add_argument("--search", nargs="+", metavar="KEY=V1,V2",
+    p.add_argument("--search", nargs="+", action="extend", metavar="KEY=V1,V2",
                    help="search a grid on the validation split and write the best candidate: keys lr_a, l1, "
                         "epochs_a, beta, init_std (these re-run stage 1), lr_v, epochs_v, heads, heads_percent "
                         "(these reuse its ranking); scored by the task's metric (TruthfulQA MC1, MQuAKE/CLUTRR "
@@ -153,6 +147,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     summary = {"adapter": str(out), "heads": adapter.head_list(), "content_sha256": adapter.content_sha256,
                "metrics": adapter.metadata.get("metrics")}
+    search = adapter.metadata.get("search")
+    if search:  # the whole grid is in search_report.json beside the adapter
+        summary["search"] = {k: search[k] for k in ("metric", "candidates", "winner", "winner_settings",
+                                                    "winner_score")}
     print(json.dumps(summary, indent=2))
     return 0
 

@@ -116,7 +116,8 @@ class TrainConfig:
             raise ConfigError("--pairs must be first or all")
         if out.pairs == "all" and self.task not in PAIRS_TASKS:
             raise ConfigError(f"--pairs all: only {', '.join(PAIRS_TASKS)} has several incorrect answers to pair; "
-                              f"{self.task}'s pairs are as its data gives them")
+                              + (f"{self.task}'s pairs are as its data gives them" if self.task == "dpo-jsonl"
+                                 else f"{self.task} is trained on completions, not pairs"))
         if out.select_epoch not in ("last", "best"):
             raise ConfigError("--select-epoch must be last or best")
         if out.search_budget is not None and out.search_budget < 1:
@@ -176,4 +177,29 @@ class TrainConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ConfigError(f"{path}: unknown settings {unknown}")
+        for f in fields(cls):
+            if f.name in data:
+                _check_type(path, f.name, data[f.name], str(f.type))
         return data
+
+
+# a field's annotation (a string: this module has postponed annotations) -> (accepts, what to ask for)
+_KINDS = {
+    "int": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+    "float": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number"),
+    "bool": (lambda v: isinstance(v, bool), "true or false"),
+    "str": (lambda v: isinstance(v, str), "a string"),
+    "dict": (lambda v: isinstance(v, dict), 'a JSON object such as {"lr_v": [0.01, 0.05]}'),
+}
+
+
+def _check_type(path: str | Path, name: str, value: Any, annotation: str) -> None:
+    """Raise :class:`ConfigError` unless a config file's ``value`` has the type of the field ``name``: a JSON
+    string where a number belongs, ``true`` where an integer belongs, and so on, would otherwise fail late."""
+    if value is None and "None" in annotation:
+        return
+    base = annotation.split("|")[0].strip().split("[")[0]
+    accepts, wanted = _KINDS[base]
+    if not accepts(value):
+        raise ConfigError(f"{path}: {name} must be {wanted}{' or null' if 'None' in annotation else ''}, not "
+                          f"{json.dumps(value)}")

@@ -220,11 +220,11 @@ def _winner(results: list[CandidateResult]) -> int:
 
 def _train(cfg: TrainConfig, dist: Distributed) -> Path | None:
     started = time.perf_counter()
-    grid = parse_grid(cfg.search) if cfg.search else None
+    grid = parse_grid(cfg.search) if cfg.search is not None else None  # an empty grid is refused, not ignored
     runs, grid_size = candidates(cfg, grid, cfg.search_budget) if grid else ([cfg], 1)
     if grid and cfg.search_budget is not None and cfg.search_budget >= grid_size and dist.is_main:
-        sys.stderr.write(f"lofit-train: note: --search-budget {cfg.search_budget} is not below the grid's "
-                         f"{grid_size} candidates: all of them run\n")
+        sys.stderr.write(f"lofit-train: note: --search-budget {cfg.search_budget} is not below the grid's size "
+                         f"({grid_size}): every candidate runs\n")
     task = _limit(load_task(cfg.task, cfg.data, cfg.val_data, cfg.fold, cfg.train_size, cfg.seed, cfg.pairs),
                   cfg.limit)
     identity = _identity(cfg.model)
@@ -271,11 +271,16 @@ def _train(cfg: TrainConfig, dist: Distributed) -> Path | None:
             # trial), so that a grid that reaches too far does not lose the candidates already trained.
             if key not in selections:
                 diverged[key] = exc
+            reason = str(exc).removesuffix("; nothing was written")
+            if dist.is_main:
+                sys.stderr.write(f"lofit-train: note: search candidate {_point(run, grid)} diverged ({reason}); "
+                                 "going on with the others\n")
             finished.append(None)
-            results.append(CandidateResult(settings=_point(run, grid), k=k, heads=[],
+            heads = sorted(selections[key][1].top(k)) if key in selections else []
+            results.append(CandidateResult(settings=_point(run, grid), k=k, heads=[list(h) for h in heads],
                                            score={"metric": scorer.metric, "value": None,
                                                   "higher_is_better": scorer.metric != "val_loss",
-                                                  "diverged": str(exc)},
+                                                  "diverged": reason},
                                            stage1_run=selections[key][0] if key in selections else None,
                                            stage1_reused=shared,
                                            seconds=round(time.perf_counter() - run_started, 3)))

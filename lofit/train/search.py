@@ -15,7 +15,6 @@ candidates (grid order kept) when the grid is larger.
 from __future__ import annotations
 
 import io
-import itertools
 import math
 import random
 from dataclasses import dataclass, replace
@@ -27,6 +26,7 @@ from lofit.train.config import ConfigError, TrainConfig
 SEARCH_KEYS: dict[str, type] = {"lr_a": float, "l1": float, "epochs_a": int, "beta": float, "init_std": float,
                                 "lr_v": float, "epochs_v": int, "heads": int, "heads_percent": float}
 STAGE1_KEYS = ("lr_a", "l1", "epochs_a", "beta", "init_std")
+STAGE1_ONLY = ("lr_a", "l1", "epochs_a")  # used by stage 1 alone (beta and init_std are stage 2's too)
 
 
 def parse_grid(specs: list[str] | dict[str, Any]) -> dict[str, list]:
@@ -36,6 +36,8 @@ def parse_grid(specs: list[str] | dict[str, Any]) -> dict[str, list]:
     ``heads`` and ``heads_percent``."""
     if isinstance(specs, dict):
         items = [(str(k), v if isinstance(v, list) else [v]) for k, v in specs.items()]
+    elif isinstance(specs, str) or not isinstance(specs, list):
+        raise ConfigError(f"--search: give KEY=V1,V2,... flags, or a JSON object in --config, not {specs!r}")
     else:
         items = []
         for spec in specs:
@@ -55,10 +57,7 @@ def parse_grid(specs: list[str] | dict[str, Any]) -> dict[str, list]:
         typed = []
         for value in values:
             try:
-                number = float(value)
-                if kind is int and (not number.is_integer() or isinstance(value, bool)):
-                    raise ValueError
-                typed.append(kind(number))
+                typed.append(_typed(value, kind))
             except (TypeError, ValueError):
                 raise ConfigError(f"--search: {key}={value!r} is not {'an integer' if kind is int else 'a number'}")\
                     from None
@@ -72,15 +71,51 @@ def parse_grid(specs: list[str] | dict[str, Any]) -> dict[str, list]:
     return grid
 
 
+def _typed(value: Any, kind: type) -> int | float:
+    """A grid value as ``kind``, as strictly as the flag's own type: ``"1e20"`` and ``2.0`` are not integers,
+    and a JSON ``true`` is not a number (raises ``ValueError``/``TypeError``)."""
+    if isinstance(value, bool):
+        raise TypeError(value)
+    if isinstance(value, str):
+        return int(value.strip()) if kind is int else float(value)
+    if kind is int and not isinstance(value, int):
+        raise TypeError(value)
+    if not isinstance(value, (int, float)):
+        raise TypeError(value)
+    return kind(value)
+
+
+MAX_CANDIDATES = 10_000  # a grid larger than this needs --search-budget (each candidate trains for minutes)
+
+
 def candidates(cfg: TrainConfig, grid: dict[str, list], budget: int | None) -> tuple[list[TrainConfig], int]:
     """Every grid point as a resolved config (a seeded sample of ``budget`` of them, in grid order), and the size
-    of the whole grid. Each is checked like a ``lofit-train`` run's flags (raises :class:`ConfigError`)."""
+    of the whole grid. Each is checked like a ``lofit-train`` run's flags (raises :class:`ConfigError`, also
+    for stage-1 settings searched where stage 1 does not run, and for a grid of more than
+    :data:`MAX_CANDIDATES` without a budget). The sample is drawn from the grid's indices, so a huge grid with
+    a small budget costs nothing."""
     keys = list(grid)
-    points = [dict(zip(keys, values, strict=True)) for values in itertools.product(*(grid[k] for k in keys))]
-    total = len(points)
+    skipped = [k for k in keys if k in STAGE1_ONLY]
+    if skipped and (cfg.random_heads or cfg.heads_from):
+        raise ConfigError(f"--search {', '.join(skipped)}: stage 1 does not run with "
+                          f"{'--random-heads' if cfg.random_heads else '--heads-from'}, so these settings would "
+                          "make identical candidates")
+    sizes = [len(grid[k]) for k in keys]
+    total = math.prod(sizes)
     if budget is not None and budget < total:
-        keep = sorted(random.Random(cfg.seed).sample(range(total), budget))
-        points = [points[i] for i in keep]
+        indices = sorted(random.Random(cfg.seed).sample(range(total), budget))
+    elif total > MAX_CANDIDATES:
+        raise ConfigError(f"--search: the grid has {total:,} candidates; give --search-budget N to run a sample "
+                          f"of them (at most {MAX_CANDIDATES:,} without one)")
+    else:
+        indices = list(range(total))
+    points = []
+    for index in indices:  # itertools.product's order: the last key varies fastest
+        point = {}
+        for key, size in zip(reversed(keys), reversed(sizes), strict=True):
+            index, position = divmod(index, size)
+            point[key] = grid[key][position]
+        points.append({key: point[key] for key in keys})
     out = []
     for point in points:
         heads = {"heads": point["heads"], "heads_percent": None} if "heads" in point else \

@@ -141,20 +141,24 @@ def test_a_diverging_candidate_is_recorded_and_the_search_goes_on(stories_dir, p
     out = tmp_path / "searched"
     # K only in the grid (no --heads), and a budget above the grid's size: both accepted
     assert main([*run, "--search", "lr_v=1e-2,1e38", "heads=2", "--search-budget", "5", "--out", str(out)]) == 0
-    err = capsys.readouterr().err
-    assert "--search-budget 5 is not below the grid's 2 candidates" in err
+    captured = capsys.readouterr()
+    assert "--search-budget 5 is not below the grid's size (2)" in captured.err
+    assert "search candidate {'lr_v': 1e+38, 'heads': 2} diverged" in captured.err
+    assert json.loads(captured.out)["search"]["winner_settings"] == {"lr_v": 1e-2, "heads": 2}
     report = json.loads((out / "search_report.json").read_text())
     ok, bad = report["results"]
     assert report["winner"] == 0 and ok["score"]["value"] is not None and "diverged" not in ok["score"]
-    assert bad["score"]["value"] is None and bad["heads"] == []
+    assert bad["score"]["value"] is None and sorted(bad["heads"]) == sorted(ok["heads"]), "same stage-1 ranking"
     assert "stage 2: tune offsets" in bad["score"]["diverged"] and "1e+38" in bad["score"]["diverged"]
+    assert "nothing was written" not in bad["score"]["diverged"], "the search did write its winner"
     config = json.loads((out / "train_report.json").read_text())["config"]
     assert config["lr_v"] == 1e-2 and config["heads"] == 2
     assert config["search"] == {"lr_v": [1e-2, 1e38], "heads": [2]} and config["search_budget"] == 5
 
     assert main([*run, "--search", "lr_v=1e38,1e39", "heads=2", "--out", str(tmp_path / "none")]) == 2
     err = capsys.readouterr().err
-    assert "every candidate diverged; nothing was written" in err and err.count("\n") == 1, err
+    assert "every candidate diverged; nothing was written" in err and err.count("nothing was written") == 1
+    assert err.count("\n") == 1 + 2, "a note per diverged candidate, then the error line"
     assert not (tmp_path / "none").exists()
 
 
@@ -227,3 +231,54 @@ def test_pairs_all_pairs_the_best_answer_with_every_distinct_incorrect_one():
         load_task("mquake", pairs="all")
     with pytest.raises(ConfigError, match="only truthfulqa"):
         TrainConfig(model="m", task="mquake", out="o", heads=2, pairs="all").resolved()
+
+
+@pytest.mark.parametrize(("settings", "message"), [
+    ({"search_budget": "3"}, 'search_budget must be an integer or null, not "3"'),
+    ({"search_budget": True}, "search_budget must be an integer or null, not true"),
+    ({"heads": 2.5}, "heads must be an integer or null, not 2.5"),
+    ({"lr_v": "0.1"}, 'lr_v must be a number or null, not "0.1"'),
+    ({"search": 5}, "search must be a JSON object"),
+    ({"search": "lr_v=1e-2,5e-2"}, "search must be a JSON object"),
+    ({"search": {}}, "--search needs at least one KEY"),
+    ({"search": {"lr_v": [True, 0.01]}}, "lr_v=True is not a number"),
+    ({"search": {"epochs_v": [1.0, 2]}}, "epochs_v=1.0 is not an integer"),
+])
+def test_a_config_files_wrong_types_end_in_one_line(stories_dir, planted, tmp_path, capsys, settings, message):
+    train, val = planted
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"heads": 2, **settings}))
+    code = main(["--model", str(stories_dir), "--task", "sft-jsonl", "--data", str(train), "--val-data", str(val),
+                 "--config", str(config), "--out", str(tmp_path / "x"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "x").exists()
+
+
+def test_repeated_search_flags_add_up_and_grid_integers_are_strict():
+    from lofit.train.cli import build_parser
+
+    args = build_parser().parse_args(["--search", "lr_v=1e-2,5e-2", "--search", "heads=2,4"])
+    assert parse_grid(args.search) == {"lr_v": [1e-2, 5e-2], "heads": [2, 4]}
+    with pytest.raises(ConfigError, match="epochs_v='1e20' is not an integer"):
+        parse_grid(["epochs_v=1e20"])
+
+
+def test_a_huge_grid_needs_a_budget_and_samples_without_building_the_grid():
+    cfg = TrainConfig(model="m", task="sft-jsonl", out="o", heads=2)
+    grid = {key: [round(0.001 * (i + 1), 6) for i in range(60)] for key in ("lr_a", "lr_v", "l1", "beta")}
+    with pytest.raises(ConfigError, match="12,960,000 candidates; give --search-budget"):
+        candidates(cfg, grid, None)
+    runs, total = candidates(cfg, grid, 3)
+    assert total == 60 ** 4 and len(runs) == 3
+    small = {"lr_v": [0.01, 0.05, 0.1], "heads": [2, 4]}  # the same order as itertools.product
+    import itertools
+    assert [(r.lr_v, r.heads) for r in candidates(cfg, small, None)[0]] == list(itertools.product(*small.values()))
+
+
+@pytest.mark.parametrize("how", [["--random-heads"], ["--heads-from", "somewhere"]])
+def test_searching_stage1_settings_where_stage1_does_not_run_is_refused(how):
+    cfg = TrainConfig(model="m", task="sft-jsonl", out="o", heads=2, random_heads="--random-heads" in how,
+                      heads_from=how[-1] if "--heads-from" in how else None)
+    with pytest.raises(ConfigError, match="lr_a: stage 1 does not run"):
+        candidates(cfg, {"lr_a": [1e-3, 5e-3], "lr_v": [1e-2]}, None)
